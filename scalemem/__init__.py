@@ -1,0 +1,27 @@
+"""scalemem: fit differentiable memory (attention as a lossy key-value store) to data of any size.
+
+Public API (everything else lives in private modules and may change):
+
+- :class:`Memory` — fitted prototypes ``K``, ``V`` with a jit-able ``predict``.
+- :func:`fit` — fit a memory to in-memory keys and values.
+- The numerics core: :class:`Stats`, :func:`chunk_stats`, :func:`scan_stats`, :func:`merge`,
+  :func:`solve_ridge`, :func:`chunk_grad`, :func:`scan_grad`, :func:`loss_from_stats`.
+- Errors: :class:`ScalememError` and its subclasses.
+"""
+
+from ._core import (SolveInfo, Stats, chunk_grad, chunk_stats, loss_from_stats, merge,
+                    scan_grad, scan_stats, solve_ridge, zero_stats)
+from ._errors import (CheckpointError, ConfigError, DataError, DownloadError, NonFiniteDataError,
+                      NumericsError, NumericsWarning, ScalememError)
+from ._fit import FitResult, StepReport, default_optimizer, fit, init_keys
+from ._model import Memory, predict_in_chunks
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Memory", "fit", "FitResult", "StepReport", "default_optimizer", "init_keys",
+    "predict_in_chunks", "Stats", "SolveInfo", "chunk_stats", "scan_stats", "merge", "zero_stats",
+    "solve_ridge", "chunk_grad", "scan_grad", "loss_from_stats", "ScalememError", "ConfigError",
+    "DataError", "NonFiniteDataError", "DownloadError", "CheckpointError", "NumericsError",
+    "NumericsWarning",
+]

@@ -1,0 +1,234 @@
+"""The numerics core: pure, jit-able functions of arrays. No I/O, no globals, no Python state.
+
+Notation (one chunk of ``c`` rows): keys ``Q`` (c×m), values ``X`` (c×n), row weights ``w`` (c,)
+that are 1 for real rows and 0 for padding, prototypes ``K`` (P×m) and ``V`` (P×n).
+``A = softmax(Q Kᵀ)`` row-wise (c×P).
+
+Sufficient statistics of a chunk are ``G = Aᵀ diag(w) A``, ``B = Aᵀ diag(w) X``,
+``xx = Σ w‖x‖²`` and ``count = Σ w``. The chunk products are computed in the data's dtype (float32
+or float64) and *accumulated* across chunks in float64, so the summation error does not grow with
+the number of rows. For float32 inputs each chunk product is an inner product of ``c`` terms whose
+rounding error is at most ``γ_c = c·u/(1-c·u)`` (``u = 2⁻²⁴``) relative to ``|A|ᵀ|X|`` entrywise
+(Higham, Accuracy and Stability, §3.1); for ``G`` every term is non-negative, so that bound is
+relative to ``G`` itself. Merging chunks in float64 adds only ``u₆₄``-sized errors per merge.
+
+The gradient with respect to ``K`` is taken at a fixed ``V`` (variable projection: at the ridge
+optimum ``∂loss/∂V = 0``, so this equals the gradient of the profiled objective):
+``∂/∂A ½‖X − AV‖² = A(VVᵀ) − XVᵀ`` (the FLOP-saving form: ``VVᵀ`` is P×P and computed once a step),
+then the softmax backward ``dS = A ⊙ (dA − rowsum(A ⊙ dA))`` and ``∂/∂K = dSᵀ Q``.
+
+All functions here need ``jax_enable_x64`` to be on while they are traced; the public entry
+points (``scalemem.fit`` ...) switch it on for their own scope with ``jax.enable_x64(True)``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.linalg import cho_solve
+
+__all__ = [
+    "Stats", "SolveInfo", "softmax_weights", "zero_stats", "merge", "chunk_stats", "scan_stats",
+    "chunk_grad", "scan_grad", "solve_ridge", "loss_from_stats", "to_blocks",
+]
+
+HIGHEST = jax.lax.Precision.HIGHEST
+F64 = jnp.float64
+
+
+class Stats(NamedTuple):
+    """Sufficient statistics of a set of rows, all float64. Add two with :func:`merge`."""
+
+    G: jax.Array  # (P, P)  Aᵀ diag(w) A
+    B: jax.Array  # (P, n)  Aᵀ diag(w) X
+    xx: jax.Array  # ()     Σ w ‖x‖²
+    count: jax.Array  # ()  Σ w  (number of real rows)
+
+
+class SolveInfo(NamedTuple):
+    """What the ridge solve had to do. ``jitter`` is added to the diagonal *beyond* the ridge."""
+
+    jitter: jax.Array  # () float64, 0 when the plain Cholesky factorisation was accepted
+    backward_error: jax.Array  # () float64, ‖(G+λI)V − B‖ / (‖G+λI‖‖V‖ + ‖B‖)
+    attempts: jax.Array  # () int32, Cholesky factorisations tried
+    fallback: jax.Array  # () bool, True when the eigendecomposition fallback was used
+
+
+def _check_x64() -> None:
+    if not jax.config.jax_enable_x64:
+        raise RuntimeError(
+            "scalemem's statistics are accumulated in float64, which needs JAX's x64 mode: "
+            "call this inside `with jax.enable_x64(True):` (scalemem.fit does this for you)."
+        )
+
+
+def softmax_weights(K: jax.Array, Q: jax.Array, precision=None) -> jax.Array:
+    """``A = softmax(Q Kᵀ)`` row-wise, numerically stable for any logit scale."""
+    return jax.nn.softmax(jnp.matmul(Q, K.T, precision=precision), axis=-1)
+
+
+def zero_stats(P: int, n: int) -> Stats:
+    _check_x64()
+    return Stats(jnp.zeros((P, P), F64), jnp.zeros((P, n), F64), jnp.zeros((), F64),
+                 jnp.zeros((), F64))
+
+
+def merge(a: Stats, b: Stats) -> Stats:
+    """Statistics of the union of two disjoint row sets (associative and commutative)."""
+    return Stats(*(x + y for x, y in zip(a, b)))
+
+
+def _values(X: jax.Array, dtype, scale) -> jax.Array:
+    X = X.astype(dtype)
+    return X if scale is None else X * jnp.asarray(scale, dtype)
+
+
+def chunk_stats(K, Q, X, w=None, *, key_scale=None, value_scale=None, precision=HIGHEST) -> Stats:
+    """Statistics of one chunk. ``Q`` and ``X`` may be integer arrays, converted (and multiplied
+    by ``key_scale``/``value_scale``) on the fly in ``K``'s dtype. Products run in ``K.dtype`` at ``precision``
+    (HIGHEST by default, so GPUs do not silently drop to TF32), sums are returned in float64."""
+    _check_x64()
+    dt = K.dtype
+    Q = _values(Q, dt, key_scale)
+    X = _values(X, dt, value_scale)
+    A = softmax_weights(K, Q, precision)
+    Aw = A if w is None else A * w[:, None].astype(dt)
+    G = jnp.matmul(Aw.T, A, precision=precision).astype(F64)
+    B = jnp.matmul(Aw.T, X, precision=precision).astype(F64)
+    sq = jnp.sum(jnp.square(X.astype(F64)), axis=1)
+    if w is None:
+        xx, count = jnp.sum(sq), jnp.asarray(Q.shape[0], F64)
+    else:
+        w64 = w.astype(F64)
+        xx, count = jnp.sum(w64 * sq), jnp.sum(w64)
+    return Stats(G, B, xx, count)
+
+
+def scan_stats(K, Qb, Xb, wb, *, key_scale=None, value_scale=None, precision=HIGHEST) -> Stats:
+    """Statistics over a block of chunks ``Qb`` (b×c×m), ``Xb`` (b×c×n), ``wb`` (b×c) with
+    ``lax.scan``: one chunk's intermediates live at a time, sums carried in float64."""
+    init = zero_stats(K.shape[0], Xb.shape[-1])
+
+    def body(acc, chunk):
+        q, x, w = chunk
+        return merge(acc, chunk_stats(K, q, x, w, key_scale=key_scale,
+                                    value_scale=value_scale, precision=precision)), None
+
+    out, _ = jax.lax.scan(body, init, (Qb, Xb, wb))
+    return out
+
+
+def chunk_grad(K, V, VVt, Q, X, w=None, *, key_scale=None, value_scale=None, precision=None) -> jax.Array:
+    """∂/∂K of ½‖X − softmax(Q Kᵀ) V‖² (rows weighted by ``w``) at fixed ``V``; float64 result.
+    ``VVt`` is ``V Vᵀ`` (P×P), computed once per step by the caller."""
+    dt = K.dtype
+    Q = _values(Q, dt, key_scale)
+    X = _values(X, dt, value_scale)
+    V = V.astype(dt)
+    A = softmax_weights(K, Q, precision)
+    R = jnp.matmul(A, VVt.astype(dt), precision=precision) - jnp.matmul(X, V.T, precision=precision)
+    if w is not None:
+        R = R * w[:, None].astype(dt)
+    dS = A * (R - jnp.sum(A * R, axis=1, keepdims=True))
+    return jnp.matmul(dS.T, Q, precision=precision).astype(F64)
+
+
+def scan_grad(K, V, Qb, Xb, wb, *, key_scale=None, value_scale=None, precision=None) -> jax.Array:
+    """:func:`chunk_grad` summed over a block of chunks with ``lax.scan`` (float64 carry)."""
+    _check_x64()
+    Vd = V.astype(K.dtype)
+    VVt = jnp.matmul(Vd, Vd.T, precision=precision)
+
+    def body(acc, chunk):
+        q, x, w = chunk
+        return acc + chunk_grad(K, Vd, VVt, q, x, w, key_scale=key_scale,
+                                value_scale=value_scale, precision=precision), None
+
+    out, _ = jax.lax.scan(body, jnp.zeros(K.shape, F64), (Qb, Xb, wb))
+    return out
+
+
+def _backward_error(M, V, B):
+    r = M @ V - B
+    den = jnp.linalg.norm(M) * jnp.linalg.norm(V) + jnp.linalg.norm(B)
+    return jnp.linalg.norm(r) / jnp.maximum(den, jnp.finfo(F64).tiny)
+
+
+def solve_ridge(stats: Stats, ridge, *, max_attempts: int = 12, tol: float = 1e-10):
+    """``V = (G + λI)⁻¹ B`` in float64 by Cholesky, checked and never NaN for finite input.
+
+    1. Factorise ``G + λI``; accept when the result is finite and its normwise backward error
+       ``‖(G+λI)V − B‖ / (‖G+λI‖‖V‖ + ‖B‖)`` is at most ``tol`` (a stable Cholesky solve gives
+       about ``P·u₆₄ ≈ 1e-13``, so ``tol = 1e-10`` only rejects a broken factorisation).
+    2. Otherwise retry with jitter ``j = s·P·u₆₄·10^(k-1)`` on the diagonal, ``s = trace(G)/P``,
+       for ``k = 1 … max_attempts-1`` (that is, up to about 1e-2·s relative at P ≈ 1000).
+    3. If every attempt fails, use the eigendecomposition of ``G + λI`` with eigenvalues below
+       ``P·u₆₄·max|eig|`` dropped (a minimum-norm pseudo-inverse solution), which is finite for
+       any finite ``G``.
+
+    Returns ``(V, SolveInfo)``; the caller decides whether to warn (see ``SolveInfo``).
+    """
+    _check_x64()
+    G, B = stats.G.astype(F64), stats.B.astype(F64)
+    P = G.shape[0]
+    eye = jnp.eye(P, dtype=F64)
+    M = G + jnp.asarray(ridge, F64) * eye
+    eps = jnp.finfo(F64).eps
+    scale = jnp.maximum(jnp.trace(G) / P, jnp.finfo(F64).tiny)
+
+    def attempt(k):
+        j = jnp.where(k == 0, 0.0, scale * P * eps * 10.0 ** (k - 1).astype(F64))
+        L = jnp.linalg.cholesky(M + j * eye)
+        V = cho_solve((L, True), B)
+        be = _backward_error(M, V, B)
+        ok = jnp.all(jnp.isfinite(V)) & jnp.isfinite(be) & (be <= tol)
+        return V, j, be, ok
+
+    def cond(state):
+        k, _, _, _, ok = state
+        return (~ok) & (k < max_attempts)
+
+    def body(state):
+        k = state[0]
+        V, j, be, ok = attempt(k)
+        return k + 1, V, j, be, ok
+
+    V0, j0, be0, ok0 = attempt(jnp.int32(0))
+    k, V, j, be, ok = jax.lax.while_loop(cond, body, (jnp.int32(1), V0, j0, be0, ok0))
+
+    def eig_fallback(_):
+        w, U = jnp.linalg.eigh(M)
+        cut = P * eps * jnp.max(jnp.abs(w))
+        inv = jnp.where(w > cut, 1.0 / jnp.where(w > cut, w, 1.0), 0.0)
+        Vf = U @ (inv[:, None] * (U.T @ B))
+        return Vf, _backward_error(M, Vf, B)
+
+    V, be = jax.lax.cond(ok, lambda _: (V, be), eig_fallback, None)
+    return V, SolveInfo(jitter=jnp.where(ok, j, 0.0), backward_error=be, attempts=k, fallback=~ok)
+
+
+def loss_from_stats(stats: Stats, V) -> jax.Array:
+    """½‖X − AV‖² summed over the rows, from the statistics alone:
+    ``½(Σ‖x‖² − 2⟨V, B⟩ + ⟨V, G V⟩)``, in float64 (clamped at 0 against rounding)."""
+    V = V.astype(F64)
+    val = 0.5 * (stats.xx - 2.0 * jnp.vdot(V, stats.B) + jnp.vdot(V, stats.G @ V))
+    return jnp.maximum(val, 0.0)
+
+
+def to_blocks(Q, X, chunk_rows: int, w=None):
+    """Pad the rows to a multiple of ``chunk_rows`` and reshape to (blocks, chunk, ·) with a
+    weight array that is 0 on the padding. Works on NumPy and JAX arrays alike."""
+    xp = jnp if isinstance(Q, jax.Array) else __import__("numpy")
+    N = Q.shape[0]
+    nb = max(1, -(-N // chunk_rows))
+    pad = nb * chunk_rows - N
+    if w is None:
+        w = xp.ones((N,), dtype=Q.dtype if xp.issubdtype(Q.dtype, xp.floating) else "float32")
+
+    def padded(a):
+        a = xp.concatenate([a, xp.zeros((pad,) + a.shape[1:], a.dtype)]) if pad else a
+        return a.reshape((nb, chunk_rows) + a.shape[1:])
+
+    return padded(Q), padded(X), padded(w)

@@ -1,0 +1,193 @@
+"""The fit loop (one readable loop for every data layout) and the in-memory engine."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+from typing import Any, Callable, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from . import _core
+from ._errors import NonFiniteDataError, NumericsWarning
+from ._model import Memory
+from ._step import StepOut, make_fused_step
+from ._validate import check_int, check_number, check_pair
+
+__all__ = ["FitResult", "StepReport", "Engine", "InMemoryEngine", "fit", "fit_engine",
+           "init_keys", "default_optimizer"]
+
+
+def default_optimizer(learning_rate: float = 5e-4) -> optax.GradientTransformation:
+    """Adam, the seed's optimiser (lr 5e-4 in its Fashion-MNIST experiment)."""
+    return optax.adam(learning_rate)
+
+
+def init_keys(prototypes: int, key_dim: int, seed: int = 0, dtype=jnp.float32) -> jax.Array:
+    """``K₀ = 0.01·normal(PRNGKey(seed), (P, m))``, the seed's initialisation."""
+    return 0.01 * jax.random.normal(jax.random.PRNGKey(seed), (prototypes, key_dim), dtype=dtype)
+
+
+@dataclasses.dataclass
+class StepReport:
+    """What the loop knows after a step; handed to ``callback``."""
+
+    step: int  # 0-based index of the step just finished
+    steps: int  # total steps of this fit
+    loss: float  # ½ Σ‖x − v̂‖² over the fit rows at (K_step, V_step)
+    rmse: float  # sqrt(mean squared error per value entry) at (K_step, V_step)
+    rows: int
+    seconds: float  # wall time since the loop started
+
+
+@dataclasses.dataclass
+class FitResult:
+    memory: Memory  # K after the last update and V solved exactly at that K
+    loss: np.ndarray  # loss at K_0 … K_steps (length steps + 1)
+    rmse: np.ndarray  # training RMSE per value entry at K_0 … K_steps
+    opt_state: Any
+    seconds: float
+    solve_events: int  # steps whose solve needed jitter or the eigen fallback
+
+
+class Engine(Protocol):
+    """A data layout: runs a step at ``K`` and the final statistics pass."""
+
+    rows: int
+    value_dim: int
+
+    def step(self, K, opt_state) -> tuple[jax.Array, Any, StepOut]: ...
+
+    def final(self, K) -> StepOut: ...
+
+    def locate_nonfinite(self) -> NonFiniteDataError: ...
+
+
+class InMemoryEngine:
+    """All rows resident on one device as (blocks × chunk × ·) arrays; each pass is one
+    ``lax.scan`` over the chunks inside a single jitted step."""
+
+    def __init__(self, Q, X, *, optimizer, ridge: float, chunk_rows: int, dtype, key_scale=None, value_scale=None):
+        self.rows = check_pair(Q, X)
+        self.value_dim = int(X.shape[1])
+        self._Q, self._X = Q, X
+        c = min(chunk_rows, self.rows)
+        Qb, Xb, wb = _core.to_blocks(np.asarray(Q), np.asarray(X), c,
+                                     np.ones((self.rows,), np.dtype(dtype)))
+        self._data = tuple(jax.device_put(a) for a in (Qb, Xb, wb))
+        kw = dict(key_scale=key_scale, value_scale=value_scale)
+        stats_fn = lambda K, Qb, Xb, wb: _core.scan_stats(K, Qb, Xb, wb, **kw)  # noqa: E731
+        grad_fn = lambda K, V, Qb, Xb, wb: _core.scan_grad(K, V, Qb, Xb, wb, **kw)  # noqa: E731
+        self._step, self._final = make_fused_step(optimizer, ridge, stats_fn, grad_fn)
+
+    def step(self, K, opt_state):
+        return self._step(K, opt_state, *self._data)
+
+    def final(self, K):
+        return self._final(K, *self._data)
+
+    def locate_nonfinite(self) -> NonFiniteDataError:
+        for name, a in (("keys", self._Q), ("values", self._X)):
+            a = np.asarray(a)
+            if a.dtype.kind == "f":
+                bad = ~np.isfinite(a).all(axis=1)
+                if bad.any():
+                    row = int(np.argmax(bad))
+                    return NonFiniteDataError(
+                        f"{name} row {row} holds NaN or Inf", source="memory", array=name, row=row)
+        return NonFiniteDataError("statistics became non-finite although the data is finite; "
+                                  "the logits overflow: scale the keys down", source="memory")
+
+
+def _warn_solve(step: int, info) -> None:
+    what = ("the eigendecomposition fallback" if bool(info.fallback)
+            else f"diagonal jitter {float(info.jitter):.3g} beyond the ridge")
+    warnings.warn(
+        f"step {step}: the Gram matrix G + λI is numerically singular (duplicate or unused "
+        f"prototypes, or a ridge too small for the data); the solve used {what} "
+        f"(backward error {float(info.backward_error):.2e}). The result is finite; a larger "
+        "ridge removes this warning.", NumericsWarning, stacklevel=3)
+
+
+def fit_engine(engine: Engine, K0, optimizer, *, steps: int, opt_state=None, start_step: int = 0,
+               callback: Callable[[StepReport], Any] | None = None) -> FitResult:
+    """The fit loop. Outputs of step t are read while step t+1 runs (async dispatch)."""
+    K = K0
+    opt_state = optimizer.init(K) if opt_state is None else opt_state
+    losses, rmses, events = [], [], 0
+    n_entries = engine.rows * engine.value_dim
+    t0 = time.perf_counter()
+
+    def read(t, out: StepOut):
+        nonlocal events
+        out = jax.device_get(out)
+        if not bool(out.finite):
+            raise engine.locate_nonfinite()
+        if float(out.info.jitter) > 0 or bool(out.info.fallback):
+            if events == 0:
+                _warn_solve(t, out.info)
+            events += 1
+        loss = float(out.loss)
+        losses.append(loss)
+        rmses.append(float(np.sqrt(2.0 * loss / n_entries)))
+        if callback is not None and t < steps:
+            callback(StepReport(t, steps, loss, rmses[-1], engine.rows, time.perf_counter() - t0))
+        return out
+
+    pending = None
+    for t in range(start_step, steps):
+        K, opt_state, out = engine.step(K, opt_state)
+        if pending is not None:
+            read(*pending)
+        pending = (t, out)
+    if pending is not None:
+        read(*pending)
+    last = read(steps, engine.final(K))
+    memory = Memory(K=K, V=jnp.asarray(last.V, K.dtype))
+    return FitResult(memory, np.asarray(losses), np.asarray(rmses), opt_state,
+                     time.perf_counter() - t0, events)
+
+
+def _compute_dtype(dtype, *arrays):
+    if dtype is not None:
+        return jnp.dtype(dtype)
+    kinds = [np.dtype(a.dtype) for a in arrays]
+    if all(k.kind == "f" for k in kinds) and any(k == np.float64 for k in kinds):
+        return jnp.dtype(jnp.float64)
+    return jnp.dtype(jnp.float32)
+
+
+def fit(Q, X, prototypes: int, *, steps: int = 1000, optimizer: optax.GradientTransformation
+        | None = None, learning_rate: float = 5e-4, ridge: float = 1e-6, chunk_rows: int = 4096,
+        seed: int = 0, init=None, dtype=None, key_scale: float | None = None,
+        value_scale: float | None = None,
+        callback: Callable[[StepReport], Any] | None = None) -> FitResult:
+    """Fit a memory of ``prototypes`` prototypes to keys ``Q`` (N×m) and values ``X`` (N×n).
+
+    Each step solves ``V`` exactly (float64 ridge regression on float64-accumulated statistics)
+    and moves ``K`` with ``optimizer`` (default ``optax.adam(learning_rate)``) along the
+    variable-projection gradient. The compute dtype is float64 when the inputs are float64,
+    else float32 (override with ``dtype``). ``key_scale``/``value_scale`` multiply ``Q``/``X`` on the
+    device (e.g. 1/255 for uint8 pixels). Returns a :class:`FitResult` whose ``memory`` holds ``K`` after the
+    last step and ``V`` solved at that ``K``.
+    """
+    N = check_pair(Q, X)
+    P = check_int("prototypes", prototypes, 1, N)
+    steps = check_int("steps", steps, 0)
+    ridge = check_number("ridge", ridge, 0.0)
+    chunk_rows = check_int("chunk_rows", chunk_rows, 1)
+    seed = check_int("seed", seed)
+    if optimizer is None:
+        optimizer = default_optimizer(check_number("learning_rate", learning_rate, 0.0))
+    with jax.enable_x64(True):
+        dt = _compute_dtype(dtype, Q, X)
+        K0 = init_keys(P, Q.shape[1], seed, dt) if init is None else jnp.asarray(init, dt)
+        if K0.shape != (P, Q.shape[1]):
+            raise ValueError(f"init has shape {K0.shape}, expected {(P, Q.shape[1])}")
+        engine = InMemoryEngine(Q, X, optimizer=optimizer, ridge=ridge, chunk_rows=chunk_rows,
+                                dtype=dt, key_scale=key_scale, value_scale=value_scale)
+        return fit_engine(engine, K0, optimizer, steps=steps, callback=callback)
