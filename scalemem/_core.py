@@ -54,6 +54,18 @@ class SolveInfo(NamedTuple):
     backward_error: jax.Array  # () float64, ‖(G+λI)V − B‖ / (‖G+λI‖‖V‖ + ‖B‖)
     attempts: jax.Array  # () int32, Cholesky factorisations tried
     fallback: jax.Array  # () bool, True when the eigendecomposition fallback was used
+    condition: jax.Array  # () float64, estimate of cond(G + λI + jitter·I): (max Lᵢᵢ / min Lᵢᵢ)²
+
+    @property
+    def needs_attention(self) -> bool:
+        """True when the solve used jitter or the fallback, or the system is so ill-conditioned
+        (estimate above ``ILL_CONDITIONED``) that V may carry large rounding errors."""
+        return bool(self.jitter > 0) or bool(self.fallback) or bool(
+            self.condition > ILL_CONDITIONED)
+
+
+# Above this condition number float64 keeps fewer than ~4 significant digits of V.
+ILL_CONDITIONED = 1e12
 
 
 def _check_x64() -> None:
@@ -85,25 +97,50 @@ def _values(X: jax.Array, dtype, scale) -> jax.Array:
     return X if scale is None else X * jnp.asarray(scale, dtype)
 
 
+def _tdot(a, b, precision):
+    """``aᵀ b`` as one dot_general contracting the row axis (no transpose materialised)."""
+    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=precision)
+
+
 def chunk_stats(K, Q, X, w=None, *, key_scale=None, value_scale=None, precision=HIGHEST) -> Stats:
     """Statistics of one chunk. ``Q`` and ``X`` may be integer arrays, converted (and multiplied
-    by ``key_scale``/``value_scale``) on the fly in ``K``'s dtype. Products run in ``K.dtype`` at ``precision``
-    (HIGHEST by default, so GPUs do not silently drop to TF32), sums are returned in float64."""
+    by ``key_scale``/``value_scale``) on the fly in ``K``'s dtype. Products run in ``K.dtype`` at
+    ``precision`` (HIGHEST by default, so GPUs do not silently drop to TF32); sums are returned in
+    float64.
+
+    Shifted products: with ``c = 1/P`` (the uniform attention weight) and ``D = A − c``,
+    ``AᵀWA = W c² 11ᵀ + c(1sᵀ + s1ᵀ) + DᵀWD`` and ``AᵀWX = c 1(Σ w x)ᵀ + DᵀWX`` exactly, where
+    ``W = Σ w`` and ``s = Σ w d = colsum(WA) − W c`` are float64 reductions. Only the ``D``
+    products run in the data's dtype, so their rounding error is relative to ``|D|``, not to
+    ``|A|``. Early in every fit (``K`` small) the weights are nearly uniform and the informative
+    part of ``G`` is ``DᵀD``, orders of magnitude below ``W c² 11ᵀ``: a plain float32 ``AᵀA``
+    would drown it in rounding (the seed prototype's instability). Later, when the weights are
+    peaked, ``|D| ≈ |A|`` and the error is that of a plain product.
+    """
     _check_x64()
     dt = K.dtype
+    P = K.shape[0]
     Q = _values(Q, dt, key_scale)
     X = _values(X, dt, value_scale)
     A = softmax_weights(K, Q, precision)
-    Aw = A if w is None else A * w[:, None].astype(dt)
-    G = jnp.matmul(Aw.T, A, precision=precision).astype(F64)
-    B = jnp.matmul(Aw.T, X, precision=precision).astype(F64)
-    sq = jnp.sum(jnp.square(X.astype(F64)), axis=1)
+    c = jnp.asarray(1.0 / P, dt)
+    c64 = c.astype(F64)
+    D = A - c
     if w is None:
-        xx, count = jnp.sum(sq), jnp.asarray(Q.shape[0], F64)
+        W = jnp.asarray(Q.shape[0], F64)
+        Dw, Aw, Xw = D, A, X
     else:
-        w64 = w.astype(F64)
-        xx, count = jnp.sum(w64 * sq), jnp.sum(w64)
-    return Stats(G, B, xx, count)
+        w = w.astype(dt)
+        W = jnp.sum(w, dtype=F64)
+        Dw, Aw, Xw = D * w[:, None], A * w[:, None], X * w[:, None]
+    s = jnp.sum(Aw, axis=0, dtype=F64) - W * c64
+    xsum = jnp.sum(Xw, axis=0, dtype=F64)
+    ones = jnp.ones((P,), F64)
+    G = (W * c64 * c64) * jnp.outer(ones, ones) + c64 * (jnp.outer(ones, s) + jnp.outer(s, ones))
+    G = G + _tdot(Dw, D, precision).astype(F64)
+    B = c64 * jnp.outer(ones, xsum) + _tdot(Dw, X, precision).astype(F64)
+    xx = jnp.sum(Xw.astype(F64) * X.astype(F64))
+    return Stats(G, B, xx, W)
 
 
 def scan_stats(K, Qb, Xb, wb, *, key_scale=None, value_scale=None, precision=HIGHEST) -> Stats:
@@ -128,11 +165,12 @@ def chunk_grad(K, V, VVt, Q, X, w=None, *, key_scale=None, value_scale=None, pre
     X = _values(X, dt, value_scale)
     V = V.astype(dt)
     A = softmax_weights(K, Q, precision)
-    R = jnp.matmul(A, VVt.astype(dt), precision=precision) - jnp.matmul(X, V.T, precision=precision)
+    R = jnp.matmul(A, VVt.astype(dt), precision=precision) - jnp.matmul(
+        X, V.T, precision=precision)
     if w is not None:
         R = R * w[:, None].astype(dt)
     dS = A * (R - jnp.sum(A * R, axis=1, keepdims=True))
-    return jnp.matmul(dS.T, Q, precision=precision).astype(F64)
+    return _tdot(dS, Q, precision).astype(F64)
 
 
 def scan_grad(K, V, Qb, Xb, wb, *, key_scale=None, value_scale=None, precision=None) -> jax.Array:
@@ -168,10 +206,12 @@ def solve_ridge(stats: Stats, ridge, *, max_attempts: int = 12, tol: float = 1e-
        ``P·u₆₄·max|eig|`` dropped (a minimum-norm pseudo-inverse solution), which is finite for
        any finite ``G``.
 
-    Returns ``(V, SolveInfo)``; the caller decides whether to warn (see ``SolveInfo``).
+    Returns ``(V, SolveInfo)``; the caller decides whether to warn
+    (``SolveInfo.needs_attention``).
     """
     _check_x64()
     G, B = stats.G.astype(F64), stats.B.astype(F64)
+    G = 0.5 * (G + G.T)  # float32 chunk products are symmetric only to rounding
     P = G.shape[0]
     eye = jnp.eye(P, dtype=F64)
     M = G + jnp.asarray(ridge, F64) * eye
@@ -184,29 +224,31 @@ def solve_ridge(stats: Stats, ridge, *, max_attempts: int = 12, tol: float = 1e-
         V = cho_solve((L, True), B)
         be = _backward_error(M, V, B)
         ok = jnp.all(jnp.isfinite(V)) & jnp.isfinite(be) & (be <= tol)
-        return V, j, be, ok
+        d = jnp.abs(jnp.diagonal(L))
+        cond = jnp.square(jnp.max(d) / jnp.maximum(jnp.min(d), jnp.finfo(F64).tiny))
+        return V, j, be, ok, cond
 
-    def cond(state):
-        k, _, _, _, ok = state
+    def again(state):
+        k, _, _, _, ok, _ = state
         return (~ok) & (k < max_attempts)
 
     def body(state):
         k = state[0]
-        V, j, be, ok = attempt(k)
-        return k + 1, V, j, be, ok
+        return (k + 1, *attempt(k))
 
-    V0, j0, be0, ok0 = attempt(jnp.int32(0))
-    k, V, j, be, ok = jax.lax.while_loop(cond, body, (jnp.int32(1), V0, j0, be0, ok0))
+    k, V, j, be, ok, cnd = jax.lax.while_loop(again, body, (jnp.int32(1), *attempt(jnp.int32(0))))
 
     def eig_fallback(_):
         w, U = jnp.linalg.eigh(M)
         cut = P * eps * jnp.max(jnp.abs(w))
         inv = jnp.where(w > cut, 1.0 / jnp.where(w > cut, w, 1.0), 0.0)
         Vf = U @ (inv[:, None] * (U.T @ B))
-        return Vf, _backward_error(M, Vf, B)
+        return Vf, _backward_error(M, Vf, B), jnp.max(jnp.abs(w)) / jnp.maximum(
+            jnp.min(jnp.abs(w)), jnp.finfo(F64).tiny)
 
-    V, be = jax.lax.cond(ok, lambda _: (V, be), eig_fallback, None)
-    return V, SolveInfo(jitter=jnp.where(ok, j, 0.0), backward_error=be, attempts=k, fallback=~ok)
+    V, be, cnd = jax.lax.cond(ok, lambda _: (V, be, cnd), eig_fallback, None)
+    return V, SolveInfo(jitter=jnp.where(ok, j, 0.0), backward_error=be, attempts=k,
+                        fallback=~ok, condition=cnd)
 
 
 def loss_from_stats(stats: Stats, V) -> jax.Array:
@@ -215,6 +257,14 @@ def loss_from_stats(stats: Stats, V) -> jax.Array:
     V = V.astype(F64)
     val = 0.5 * (stats.xx - 2.0 * jnp.vdot(V, stats.B) + jnp.vdot(V, stats.G @ V))
     return jnp.maximum(val, 0.0)
+
+
+def balanced_chunk(rows: int, chunk_rows: int, multiple: int = 8) -> int:
+    """The chunk length ≤ ``chunk_rows`` that splits ``rows`` into the fewest chunks with the
+    least padding (rounded up to ``multiple`` rows for aligned memory)."""
+    nb = max(1, -(-rows // max(1, chunk_rows)))
+    c = -(-rows // nb)
+    return min(max(chunk_rows, 1), -(-c // multiple) * multiple) if c > multiple else c
 
 
 def to_blocks(Q, X, chunk_rows: int, w=None):

@@ -75,7 +75,7 @@ class InMemoryEngine:
         self.rows = check_pair(Q, X)
         self.value_dim = int(X.shape[1])
         self._Q, self._X = Q, X
-        c = min(chunk_rows, self.rows)
+        c = _core.balanced_chunk(self.rows, chunk_rows)
         Qb, Xb, wb = _core.to_blocks(np.asarray(Q), np.asarray(X), c,
                                      np.ones((self.rows,), np.dtype(dtype)))
         self._data = tuple(jax.device_put(a) for a in (Qb, Xb, wb))
@@ -104,13 +104,17 @@ class InMemoryEngine:
 
 
 def _warn_solve(step: int, info) -> None:
-    what = ("the eigendecomposition fallback" if bool(info.fallback)
-            else f"diagonal jitter {float(info.jitter):.3g} beyond the ridge")
+    if bool(info.fallback):
+        what = "needed the eigendecomposition fallback"
+    elif float(info.jitter) > 0:
+        what = f"needed diagonal jitter {float(info.jitter):.3g} beyond the ridge"
+    else:
+        what = "is close to singular"
     warnings.warn(
-        f"step {step}: the Gram matrix G + λI is numerically singular (duplicate or unused "
-        f"prototypes, or a ridge too small for the data); the solve used {what} "
-        f"(backward error {float(info.backward_error):.2e}). The result is finite; a larger "
-        "ridge removes this warning.", NumericsWarning, stacklevel=3)
+        f"step {step}: the solve for V {what} (condition number ~{float(info.condition):.1e}, "
+        f"backward error {float(info.backward_error):.1e}): the Gram matrix G + λI is "
+        "numerically singular (duplicate or unused prototypes, or a ridge too small for the "
+        "data). V is finite; a larger ridge removes this warning.", NumericsWarning, stacklevel=4)
 
 
 def fit_engine(engine: Engine, K0, optimizer, *, steps: int, opt_state=None, start_step: int = 0,
@@ -127,7 +131,7 @@ def fit_engine(engine: Engine, K0, optimizer, *, steps: int, opt_state=None, sta
         out = jax.device_get(out)
         if not bool(out.finite):
             raise engine.locate_nonfinite()
-        if float(out.info.jitter) > 0 or bool(out.info.fallback):
+        if out.info.needs_attention:
             if events == 0:
                 _warn_solve(t, out.info)
             events += 1

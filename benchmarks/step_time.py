@@ -1,0 +1,99 @@
+"""Time per step: the seed's prototype against scalemem, same data, same process, interleaved.
+
+    python benchmarks/step_time.py --data-dir DIR [--prototypes 256] [--rows fit10k] [--json OUT]
+
+Both run P prototypes on the chosen Fashion-MNIST split (float32 data). Rounds alternate between
+the two so that machine load affects both alike; the median over rounds is reported together
+with the ratio scalemem / prototype (below 1 means scalemem is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import optax
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import prototype  # noqa: E402
+
+from scalemem._fit import InMemoryEngine, init_keys  # noqa: E402
+from scalemem.datasets import fashion_mnist  # noqa: E402
+
+
+def time_steps(run, steps: int) -> float:
+    t = time.perf_counter()
+    out = None
+    for _ in range(steps):
+        out = run()
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t) / steps
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--data-dir", required=True, type=Path)
+    ap.add_argument("--prototypes", type=int, default=256)
+    ap.add_argument("--rows", default="fit10k", help="fit10k or fit60k")
+    ap.add_argument("--chunk-rows", type=int, default=4096)
+    ap.add_argument("--steps", type=int, default=10, help="steps per round")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--json", type=Path, default=None)
+    a = ap.parse_args(argv)
+    test = {"fit10k": "test60k", "fit60k": "test10k"}[a.rows]
+    Qf, Xf, _, _ = fashion_mnist.reference_split(a.data_dir, a.rows, test)
+    P = a.prototypes
+
+    # prototype
+    Q, X = jnp.asarray(Qf), jnp.asarray(Xf)
+    K, V, st, opt = prototype.init(P, Q)
+    V = jnp.zeros((P, X.shape[1]), jnp.float32)
+    state = {"p": (K, V, st)}
+
+    def proto_step():
+        K, V, st = state["p"]
+        state["p"] = prototype.step(K, V, st, opt, Q, X)
+        return state["p"][0]
+
+    # scalemem
+    with jax.enable_x64(True):
+        sopt = optax.adam(5e-4)
+        eng = InMemoryEngine(Qf, Xf, optimizer=sopt, ridge=1e-6, chunk_rows=a.chunk_rows,
+                             dtype=jnp.float32)
+        K0 = init_keys(P, Qf.shape[1])
+        state["s"] = (K0, sopt.init(K0))
+
+        def sm_step():
+            K, s = state["s"]
+            K, s, out = eng.step(K, s)
+            state["s"] = (K, s)
+            return out.loss
+
+        for f in (proto_step, sm_step):  # compile + warm up
+            time_steps(f, 2)
+        proto, sm = [], []
+        for _ in range(a.rounds):
+            proto.append(time_steps(proto_step, a.steps))
+            sm.append(time_steps(sm_step, a.steps))
+    res = {"prototypes": P, "rows": len(Qf), "chunk_rows": a.chunk_rows,
+           "device": str(jax.devices()[0].device_kind),
+           "prototype_s_per_step": statistics.median(proto),
+           "scalemem_s_per_step": statistics.median(sm)}
+    res["ratio_scalemem_over_prototype"] = res["scalemem_s_per_step"] / res["prototype_s_per_step"]
+    print(f"P={P} rows={len(Qf)} device={res['device']}")
+    print(f"  prototype  {res['prototype_s_per_step'] * 1e3:8.1f} ms/step")
+    print(f"  scalemem   {res['scalemem_s_per_step'] * 1e3:8.1f} ms/step")
+    print(f"  ratio      {res['ratio_scalemem_over_prototype']:8.3f} (scalemem / prototype)")
+    if a.json:
+        a.json.write_text(json.dumps(res, indent=2) + "\n")
+    return res
+
+
+if __name__ == "__main__":
+    main()
