@@ -1,0 +1,168 @@
+"""A stream of fixed-shape row blocks over a :class:`~scalemem._source.Source`.
+
+A pass over the source yields blocks of ``chunks_per_block × chunk_rows`` rows shaped
+``(chunks_per_block, chunk_rows, ·)`` for the chunked ``lax.scan`` of :mod:`scalemem._core`;
+the last block is padded with zero rows whose weight is 0, so every block has the same shape and
+the jitted per-block functions compile once.
+
+Overlap. A background thread reads blocks from the source into a bounded queue (``prefetch``
+host blocks at most), while the consumer computes; the consumer issues ``jax.device_put`` for
+the next block before it hands out the current one whenever that block is already read, so the
+host-to-device copy runs while the current block is computed. At most ``prefetch`` host blocks
+and two device blocks are held by the stream at a time.
+
+Errors and early stop. An exception raised by the reader thread (an unreadable chunk, say) is
+re-raised in the consumer, where it would have occurred without the thread. If the consumer
+stops early (``break``, an exception, or closing the generator), the reader thread is told to
+stop and joined before control returns, so no thread outlives its pass.
+
+Resuming. ``stream.cursor`` is the index of the next block to hand out; after fully processing
+the block just received it is where to resume: ``ChunkStream(..., start=cursor)`` yields the
+remaining blocks of the pass.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Any, Iterator, NamedTuple
+
+import jax
+import numpy as np
+
+from ._errors import DataError
+from ._source import Source
+from ._validate import check_int
+
+__all__ = ["Block", "ChunkStream", "READER_THREAD_NAME"]
+
+READER_THREAD_NAME = "scalemem-reader"
+_POLL_S = 0.05  # how often a blocked reader checks whether the consumer has gone away
+
+
+class Block(NamedTuple):
+    """One block of a pass. ``Q``/``X`` keep the source's stored dtypes (scales are applied by
+    the engine); ``w`` is 1 on real rows and 0 on padding. Arrays are on the device when the
+    stream was made with ``to_device=True`` (the default), else NumPy arrays."""
+
+    index: int  # block number in the pass
+    start: int  # source row of the block's first row
+    rows: int  # real (unpadded) rows in the block
+    Q: Any  # (chunks_per_block, chunk_rows, key_dim)
+    X: Any  # (chunks_per_block, chunk_rows, value_dim)
+    w: Any  # (chunks_per_block, chunk_rows)
+
+
+class _End:
+    pass
+
+
+class _Failure:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+_END = _End()
+
+
+class ChunkStream:
+    """Blocks of ``source`` for one pass, from block ``start`` to the end.
+
+    Iterate it (``for block in stream``) once per pass; each iteration starts at ``cursor``,
+    which is ``start`` initially and the block after the last one handed out afterwards; call
+    :meth:`rewind` (or make a new stream) for the next full pass.
+    """
+
+    def __init__(self, source: Source, *, chunk_rows: int, chunks_per_block: int = 1,
+                 weight_dtype=np.float32, prefetch: int = 2, start: int = 0,
+                 to_device: bool = True, device=None):
+        self.source = source
+        self.chunk_rows = check_int("chunk_rows", chunk_rows, 1)
+        self.chunks_per_block = check_int("chunks_per_block", chunks_per_block, 1)
+        self.prefetch = check_int("prefetch", prefetch, 1)
+        self.block_rows = self.chunk_rows * self.chunks_per_block
+        self.num_blocks = -(-int(source.rows) // self.block_rows)
+        self.cursor = check_int("start", start, 0, self.num_blocks)
+        self.weight_dtype = np.dtype(weight_dtype)
+        self.to_device, self.device = to_device, device
+
+    def rewind(self, start: int = 0) -> None:
+        """Set the cursor (the block the next iteration starts from)."""
+        self.cursor = check_int("start", start, 0, self.num_blocks)
+
+    def read_block(self, index: int) -> Block:
+        """Block ``index`` as NumPy arrays, read and padded in the calling thread."""
+        src, B = self.source, self.block_rows
+        s = index * B
+        e = min(s + B, int(src.rows))
+        Q, X = src.read(s, e)
+        n = e - s
+        for what, a, dim in (("keys", Q, src.key_dim), ("values", X, src.value_dim)):
+            if getattr(a, "shape", None) != (n, dim):
+                raise DataError(f"{src.name}: read({s}, {e}) returned {what} of shape "
+                                f"{getattr(a, 'shape', None)}, expected {(n, dim)}")
+        w = np.zeros((B,), self.weight_dtype)
+        w[:n] = 1
+        if n < B:
+            Q = np.concatenate([Q, np.zeros((B - n, Q.shape[1]), Q.dtype)])
+            X = np.concatenate([X, np.zeros((B - n, X.shape[1]), X.dtype)])
+        c, k = self.chunk_rows, self.chunks_per_block
+        return Block(index, s, n, Q.reshape(k, c, -1), X.reshape(k, c, -1), w.reshape(k, c))
+
+    def _put(self, b: Block) -> Block:
+        if not self.to_device:
+            return b
+        Q, X, w = jax.device_put((b.Q, b.X, b.w), self.device)
+        return b._replace(Q=Q, X=X, w=w)
+
+    def __iter__(self) -> Iterator[Block]:
+        first = self.cursor
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+
+        def offer(item) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=_POLL_S)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def reader() -> None:
+            try:
+                for i in range(first, self.num_blocks):
+                    if stop.is_set() or not offer(self.read_block(i)):
+                        return
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer, re-raised there
+                offer(_Failure(e))
+                return
+            offer(_END)
+
+        def take(block: bool):
+            """The next queued item (``None`` when not blocking and nothing is ready yet)."""
+            try:
+                return q.get(block=block)
+            except queue.Empty:
+                return None
+
+        def ready(item):
+            """A device block from a host block; a reader failure is raised here, when the
+            consumer asks for the block that failed (not while it holds the one before)."""
+            if isinstance(item, _Failure):
+                raise item.exc
+            return item if item is _END else self._put(item)
+
+        thread = threading.Thread(target=reader, name=READER_THREAD_NAME, daemon=True)
+        thread.start()
+        try:
+            current = ready(take(True))
+            while current is not _END:
+                ahead = take(False)  # already read? then start its copy before computing
+                nxt = ahead if ahead is None or isinstance(ahead, _Failure) else ready(ahead)
+                self.cursor = current.index + 1
+                yield current
+                current = ready(take(True) if nxt is None else nxt)
+        finally:
+            stop.set()
+            thread.join()
