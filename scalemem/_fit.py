@@ -18,8 +18,8 @@ from ._model import Memory
 from ._step import StepOut, make_fused_step
 from ._validate import check_int, check_number, check_pair
 
-__all__ = ["FitResult", "StepReport", "Engine", "InMemoryEngine", "fit", "fit_engine",
-           "init_keys", "default_optimizer"]
+__all__ = ["FitResult", "StepReport", "Engine", "InMemoryEngine", "LoopState", "FitInterrupted",
+           "fit", "fit_engine", "init_keys", "default_optimizer"]
 
 
 def default_optimizer(learning_rate: float = 5e-4) -> optax.GradientTransformation:
@@ -117,14 +117,45 @@ def _warn_solve(step: int, info) -> None:
         "data). V is finite; a larger ridge removes this warning.", NumericsWarning, stacklevel=4)
 
 
+@dataclasses.dataclass
+class LoopState:
+    """Everything needed to continue a fit exactly: handed to ``checkpoint``."""
+
+    step: int  # steps completed
+    K: jax.Array
+    opt_state: Any
+    loss: list  # loss at K_0 … K_{step-1}
+    rmse: list
+
+
+class FitInterrupted(Exception):
+    """Raised by :func:`fit_engine` when ``should_stop()`` said so; ``state`` was checkpointed."""
+
+    def __init__(self, state: LoopState):
+        self.state = state
+        super().__init__(f"fit stopped after step {state.step}")
+
+
 def fit_engine(engine: Engine, K0, optimizer, *, steps: int, opt_state=None, start_step: int = 0,
-               callback: Callable[[StepReport], Any] | None = None) -> FitResult:
-    """The fit loop. Outputs of step t are read while step t+1 runs (async dispatch)."""
+               history: tuple[list, list] | None = None,
+               callback: Callable[[StepReport], Any] | None = None,
+               checkpoint: Callable[[LoopState], Any] | None = None, checkpoint_every: int = 0,
+               checkpoint_seconds: float | None = None,
+               should_stop: Callable[[], bool] | None = None) -> FitResult:
+    """The fit loop, shared by every engine.
+
+    Outputs of step t are read while step t+1 runs (async dispatch). ``checkpoint(state)`` is
+    called every ``checkpoint_every`` steps and/or ``checkpoint_seconds`` seconds, and when
+    ``should_stop()`` turns true (then :class:`FitInterrupted` is raised after the checkpoint).
+    To resume, pass the saved ``K`` as ``K0``, its ``opt_state``, ``start_step`` and ``history``:
+    the continuation is bit-identical to an uninterrupted fit (same programs, same inputs).
+    """
     K = K0
     opt_state = optimizer.init(K) if opt_state is None else opt_state
-    losses, rmses, events = [], [], 0
+    losses, rmses = (list(history[0]), list(history[1])) if history else ([], [])
+    events = 0
     n_entries = engine.rows * engine.value_dim
-    t0 = time.perf_counter()
+    t0 = last_ckpt = time.perf_counter()
 
     def read(t, out: StepOut):
         nonlocal events
@@ -148,6 +179,21 @@ def fit_engine(engine: Engine, K0, optimizer, *, steps: int, opt_state=None, sta
         if pending is not None:
             read(*pending)
         pending = (t, out)
+        done = t + 1
+        stop = should_stop is not None and should_stop()
+        due = checkpoint is not None and done < steps and (
+            stop or (checkpoint_every and done % checkpoint_every == 0)
+            or (checkpoint_seconds is not None
+                and time.perf_counter() - last_ckpt >= checkpoint_seconds))
+        if due or stop:
+            read(*pending)
+            pending = None
+            state = LoopState(done, K, opt_state, list(losses), list(rmses))
+            if due:
+                checkpoint(state)
+                last_ckpt = time.perf_counter()
+            if stop:
+                raise FitInterrupted(state)
     if pending is not None:
         read(*pending)
     last = read(steps, engine.final(K))

@@ -215,3 +215,26 @@ def test_core_needs_x64_and_says_so():
     with jax.enable_x64(False):
         with pytest.raises(RuntimeError, match="enable_x64"):
             _core.zero_stats(2, 2)
+
+
+def test_resume_from_loop_state_is_bit_identical():
+    from scalemem._fit import FitInterrupted, InMemoryEngine, fit_engine
+
+    Q, X = _structured(N=500)
+    opt = optax.adam(1e-2)
+    full = scalemem.fit(Q, X, 5, steps=12, optimizer=opt, chunk_rows=128)
+    saved = []
+    calls = iter(range(100))
+    with jax.enable_x64(True):
+        eng = InMemoryEngine(Q, X, optimizer=opt, ridge=1e-6, chunk_rows=128, dtype=jnp.float32)
+        K0 = scalemem.init_keys(5, Q.shape[1])
+        with pytest.raises(FitInterrupted):
+            fit_engine(eng, K0, opt, steps=12, checkpoint=saved.append, checkpoint_every=4,
+                       should_stop=lambda: next(calls) >= 6)
+        assert [s.step for s in saved] == [4, 7]  # every 4 steps, then at the stop after step 7
+        st = saved[-1]
+        res = fit_engine(eng, st.K, opt, steps=12, opt_state=st.opt_state, start_step=st.step,
+                         history=(st.loss, st.rmse))
+    np.testing.assert_array_equal(res.memory.K, full.memory.K)  # bit-identical, not close
+    np.testing.assert_array_equal(res.memory.V, full.memory.V)
+    np.testing.assert_array_equal(res.loss, full.loss)
