@@ -141,7 +141,8 @@ class StreamingEngine:
     """The engine (see :class:`scalemem._fit.Engine`) for a streamed source: each pass reads the
     source block by block through a :class:`~scalemem._stream.ChunkStream`.
 
-    ``chunk_rows`` rows are one ``lax.scan`` step (capped at the source's rows) and a block of
+    A chunk of at most ``chunk_rows`` rows (``_core.balanced_chunk``: the fewest chunks with
+    the least padding, as in the in-memory engine) is one ``lax.scan`` step, and a block of
     ``chunks_per_block`` chunks is one device transfer and one jitted call. ``dtype`` is the
     compute dtype (the keys ``K`` must have it). See the module docstring for ``one_pass``.
     """
@@ -152,7 +153,8 @@ class StreamingEngine:
         self.source = _check_source(source)
         self.rows = int(source.rows)
         self.key_dim, self.value_dim = int(source.key_dim), int(source.value_dim)
-        c = min(check_int("chunk_rows", chunk_rows, 1), self.rows)
+        # the in-memory engine's chunk length, so both scan the very same chunks
+        c = _core.balanced_chunk(self.rows, check_int("chunk_rows", chunk_rows, 1))
         k = min(check_int("chunks_per_block", chunks_per_block, 1), -(-self.rows // c))
         self.chunk_rows, self.chunks_per_block = c, k
         self.dtype = jnp.dtype(dtype)

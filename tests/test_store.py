@@ -147,3 +147,14 @@ def test_make_synthetic_store_script(tmp_path, fmt, dtype, capsys):
     assert v.min() >= 0 and v.max() <= 1 and v.std() > 0.05
     for s in (a, b):
         s.close()
+
+
+def test_fashion_mnist_store_matches_the_reference_protocol(fmnist_dir, tmp_path):
+    """On the real data (skipped without it): the store's views give the reference split."""
+    out = write_fashion_mnist(fmnist_dir, tmp_path / "fm.zarr")
+    Qf, Xf, _, _ = fm.reference_split(fmnist_dir, "fit10k", "test60k")
+    src = open_source(out, rows="fit10k")
+    Q, X = src.read(0, src.rows)
+    # the reference holds pixels/255 in float32; ×255 and rounding recovers the exact uint8
+    np.testing.assert_array_equal(Q, np.rint(Qf * 255))
+    np.testing.assert_array_equal(X, np.rint(Xf * 255))
