@@ -31,7 +31,8 @@ from jax.scipy.linalg import cho_solve
 
 __all__ = [
     "Stats", "SolveInfo", "softmax_weights", "zero_stats", "merge", "chunk_stats", "scan_stats",
-    "chunk_grad", "scan_grad", "solve_ridge", "loss_from_stats", "to_blocks",
+    "chunk_grad", "scan_grad", "solve_ridge", "loss_from_stats", "to_blocks", "value_moments",
+    "scan_moments", "balanced_chunk",
 ]
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -102,7 +103,17 @@ def _tdot(a, b, precision):
     return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=precision)
 
 
-def chunk_stats(K, Q, X, w=None, *, key_scale=None, value_scale=None, precision=HIGHEST) -> Stats:
+def value_moments(X, w=None, *, value_scale=None, dtype=jnp.float32):
+    """``(Σ w x, Σ w ‖x‖²)`` of one chunk in float64: the part of the statistics that does not
+    depend on ``K``. Engines that revisit the same chunks every step compute it once and pass it
+    to :func:`chunk_stats` (``moments=``), which then touches ``X`` only inside one product."""
+    X = _values(X, dtype, value_scale)
+    Xw = X if w is None else X * w.astype(dtype)[:, None]
+    return jnp.sum(Xw, axis=0, dtype=F64), jnp.sum(Xw.astype(F64) * X.astype(F64))
+
+
+def chunk_stats(K, Q, X, w=None, *, key_scale=None, value_scale=None, precision=HIGHEST,
+                moments=None) -> Stats:
     """Statistics of one chunk. ``Q`` and ``X`` may be integer arrays, converted (and multiplied
     by ``key_scale``/``value_scale``) on the fly in ``K``'s dtype. Products run in ``K.dtype`` at
     ``precision`` (HIGHEST by default, so GPUs do not silently drop to TF32); sums are returned in
@@ -128,32 +139,43 @@ def chunk_stats(K, Q, X, w=None, *, key_scale=None, value_scale=None, precision=
     D = A - c
     if w is None:
         W = jnp.asarray(Q.shape[0], F64)
-        Dw, Aw, Xw = D, A, X
+        Dw, Aw = D, A
     else:
         w = w.astype(dt)
         W = jnp.sum(w, dtype=F64)
-        Dw, Aw, Xw = D * w[:, None], A * w[:, None], X * w[:, None]
+        Dw, Aw = D * w[:, None], A * w[:, None]
     s = jnp.sum(Aw, axis=0, dtype=F64) - W * c64
-    xsum = jnp.sum(Xw, axis=0, dtype=F64)
+    xsum, xx = value_moments(X, w, dtype=dt) if moments is None else moments
     ones = jnp.ones((P,), F64)
     G = (W * c64 * c64) * jnp.outer(ones, ones) + c64 * (jnp.outer(ones, s) + jnp.outer(s, ones))
     G = G + _tdot(Dw, D, precision).astype(F64)
     B = c64 * jnp.outer(ones, xsum) + _tdot(Dw, X, precision).astype(F64)
-    xx = jnp.sum(Xw.astype(F64) * X.astype(F64))
     return Stats(G, B, xx, W)
 
 
-def scan_stats(K, Qb, Xb, wb, *, key_scale=None, value_scale=None, precision=HIGHEST) -> Stats:
+def scan_moments(Xb, wb, *, value_scale=None, dtype=jnp.float32):
+    """:func:`value_moments` of each chunk of a block: ``((b, n), (b,))`` float64."""
+    return jax.lax.map(lambda xw: value_moments(xw[0], xw[1], value_scale=value_scale,
+                                                dtype=dtype), (Xb, wb))
+
+
+def scan_stats(K, Qb, Xb, wb, *, key_scale=None, value_scale=None, precision=HIGHEST,
+               moments=None, init: Stats | None = None) -> Stats:
     """Statistics over a block of chunks ``Qb`` (b×c×m), ``Xb`` (b×c×n), ``wb`` (b×c) with
-    ``lax.scan``: one chunk's intermediates live at a time, sums carried in float64."""
-    init = zero_stats(K.shape[0], Xb.shape[-1])
+    ``lax.scan``: one chunk's intermediates live at a time, sums carried in float64.
+    ``moments`` is :func:`scan_moments` of the block, if already known; ``init`` continues the
+    sums of earlier blocks (so streamed blocks add up in the same order as one scan)."""
+    if init is None:
+        init = zero_stats(K.shape[0], Xb.shape[-1])
 
     def body(acc, chunk):
-        q, x, w = chunk
-        return merge(acc, chunk_stats(K, q, x, w, key_scale=key_scale,
-                                    value_scale=value_scale, precision=precision)), None
+        q, x, w, mom = chunk
+        return merge(acc, chunk_stats(K, q, x, w, key_scale=key_scale, value_scale=value_scale,
+                                      precision=precision, moments=mom)), None
 
-    out, _ = jax.lax.scan(body, init, (Qb, Xb, wb))
+    if moments is None:
+        moments = scan_moments(Xb, wb, value_scale=value_scale, dtype=K.dtype)
+    out, _ = jax.lax.scan(body, init, (Qb, Xb, wb, moments))
     return out
 
 
@@ -173,8 +195,10 @@ def chunk_grad(K, V, VVt, Q, X, w=None, *, key_scale=None, value_scale=None, pre
     return _tdot(dS, Q, precision).astype(F64)
 
 
-def scan_grad(K, V, Qb, Xb, wb, *, key_scale=None, value_scale=None, precision=None) -> jax.Array:
-    """:func:`chunk_grad` summed over a block of chunks with ``lax.scan`` (float64 carry)."""
+def scan_grad(K, V, Qb, Xb, wb, *, key_scale=None, value_scale=None, precision=None,
+              init=None) -> jax.Array:
+    """:func:`chunk_grad` summed over a block of chunks with ``lax.scan`` (float64 carry);
+    ``init`` continues the sum of earlier blocks."""
     _check_x64()
     Vd = V.astype(K.dtype)
     VVt = jnp.matmul(Vd, Vd.T, precision=precision)
@@ -184,7 +208,8 @@ def scan_grad(K, V, Qb, Xb, wb, *, key_scale=None, value_scale=None, precision=N
         return acc + chunk_grad(K, Vd, VVt, q, x, w, key_scale=key_scale,
                                 value_scale=value_scale, precision=precision), None
 
-    out, _ = jax.lax.scan(body, jnp.zeros(K.shape, F64), (Qb, Xb, wb))
+    init = jnp.zeros(K.shape, F64) if init is None else init
+    out, _ = jax.lax.scan(body, init, (Qb, Xb, wb))
     return out
 
 

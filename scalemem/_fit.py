@@ -78,10 +78,19 @@ class InMemoryEngine:
         c = _core.balanced_chunk(self.rows, chunk_rows)
         Qb, Xb, wb = _core.to_blocks(np.asarray(Q), np.asarray(X), c,
                                      np.ones((self.rows,), np.dtype(dtype)))
-        self._data = tuple(jax.device_put(a) for a in (Qb, Xb, wb))
+        Qb, Xb, wb = (jax.device_put(a) for a in (Qb, Xb, wb))
+        # Σx and Σ‖x‖² per chunk do not depend on K: computed once, not every step
+        moments = jax.jit(_core.scan_moments, static_argnames=("value_scale", "dtype"))(
+            Xb, wb, value_scale=value_scale, dtype=dtype)
+        self._data = (Qb, Xb, wb, moments)
         kw = dict(key_scale=key_scale, value_scale=value_scale)
-        stats_fn = lambda K, Qb, Xb, wb: _core.scan_stats(K, Qb, Xb, wb, **kw)  # noqa: E731
-        grad_fn = lambda K, V, Qb, Xb, wb: _core.scan_grad(K, V, Qb, Xb, wb, **kw)  # noqa: E731
+
+        def stats_fn(K, Qb, Xb, wb, moments):
+            return _core.scan_stats(K, Qb, Xb, wb, moments=moments, **kw)
+
+        def grad_fn(K, V, Qb, Xb, wb, moments):
+            return _core.scan_grad(K, V, Qb, Xb, wb, **kw)
+
         self._step, self._final = make_fused_step(optimizer, ridge, stats_fn, grad_fn)
 
     def step(self, K, opt_state):

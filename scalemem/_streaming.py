@@ -57,44 +57,25 @@ HIGHEST = jax.lax.Precision.HIGHEST
 # order of the in-memory engine's single scan; so streaming changes no rounding at all.
 
 
-def _scan_stats_from(acc, K, Qb, Xb, wb, key_scale, value_scale):
-    """``_core.scan_stats`` continuing from the statistics ``acc``."""
-    def body(a, chunk):
-        q, x, w = chunk
-        return _core.merge(a, _core.chunk_stats(K, q, x, w, key_scale=key_scale,
-                                                value_scale=value_scale)), None
-
-    return jax.lax.scan(body, acc, (Qb, Xb, wb))[0]
-
-
-def _scan_grad_from(acc, K, V, Qb, Xb, wb, key_scale, value_scale):
-    """``_core.scan_grad`` continuing from the gradient sum ``acc``."""
-    Vd = V.astype(K.dtype)
-    VVt = jnp.matmul(Vd, Vd.T)
-
-    def body(g, chunk):
-        q, x, w = chunk
-        return g + _core.chunk_grad(K, Vd, VVt, q, x, w, key_scale=key_scale,
-                                    value_scale=value_scale), None
-
-    return jax.lax.scan(body, acc, (Qb, Xb, wb))[0]
-
-
 @functools.partial(jax.jit, static_argnames=("key_scale", "value_scale"))
 def _stats_block(acc, K, Qb, Xb, wb, *, key_scale, value_scale):
-    return _scan_stats_from(acc, K, Qb, Xb, wb, key_scale, value_scale)
+    return _core.scan_stats(K, Qb, Xb, wb, key_scale=key_scale, value_scale=value_scale,
+                            init=acc)
 
 
 @functools.partial(jax.jit, static_argnames=("key_scale", "value_scale"))
 def _grad_block(acc, K, V, Qb, Xb, wb, *, key_scale, value_scale):
-    return _scan_grad_from(acc, K, V, Qb, Xb, wb, key_scale, value_scale)
+    return _core.scan_grad(K, V, Qb, Xb, wb, key_scale=key_scale, value_scale=value_scale,
+                           init=acc)
 
 
 @functools.partial(jax.jit, static_argnames=("key_scale", "value_scale"))
 def _both_block(acc, K, V, Qb, Xb, wb, *, key_scale, value_scale):
     stats, grad = acc
-    return (_scan_stats_from(stats, K, Qb, Xb, wb, key_scale, value_scale),
-            _scan_grad_from(grad, K, V, Qb, Xb, wb, key_scale, value_scale))
+    return (_core.scan_stats(K, Qb, Xb, wb, key_scale=key_scale,
+                             value_scale=value_scale, init=stats),
+            _core.scan_grad(K, V, Qb, Xb, wb, key_scale=key_scale,
+                            value_scale=value_scale, init=grad))
 
 
 _solve = jax.jit(solve_and_loss)
