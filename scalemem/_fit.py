@@ -224,7 +224,7 @@ def fit(Q, X, prototypes: int, *, steps: int = 1000, optimizer: optax.GradientTr
         | None = None, learning_rate: float = 5e-4, ridge: float = 1e-6, chunk_rows: int = 4096,
         seed: int = 0, init=None, dtype=None, key_scale: float | None = None,
         value_scale: float | None = None,
-        callback: Callable[[StepReport], Any] | None = None) -> FitResult:
+        callback: Callable[[StepReport], Any] | None = None, **loop) -> FitResult:
     """Fit a memory of ``prototypes`` prototypes to keys ``Q`` (N×m) and values ``X`` (N×n).
 
     Each step solves ``V`` exactly (float64 ridge regression on float64-accumulated statistics)
@@ -232,7 +232,9 @@ def fit(Q, X, prototypes: int, *, steps: int = 1000, optimizer: optax.GradientTr
     variable-projection gradient. The compute dtype is float64 when the inputs are float64,
     else float32 (override with ``dtype``). ``key_scale``/``value_scale`` multiply ``Q``/``X`` on the
     device (e.g. 1/255 for uint8 pixels). Returns a :class:`FitResult` whose ``memory`` holds ``K`` after the
-    last step and ``V`` solved at that ``K``.
+    last step and ``V`` solved at that ``K``. ``loop`` goes to :func:`fit_engine` (checkpoint,
+    checkpoint_every, checkpoint_seconds, should_stop, and opt_state/start_step/history to
+    resume).
     """
     N = check_pair(Q, X)
     P = check_int("prototypes", prototypes, 1, N)
@@ -249,4 +251,4 @@ def fit(Q, X, prototypes: int, *, steps: int = 1000, optimizer: optax.GradientTr
             raise ValueError(f"init has shape {K0.shape}, expected {(P, Q.shape[1])}")
         engine = InMemoryEngine(Q, X, optimizer=optimizer, ridge=ridge, chunk_rows=chunk_rows,
                                 dtype=dt, key_scale=key_scale, value_scale=value_scale)
-        return fit_engine(engine, K0, optimizer, steps=steps, callback=callback)
+        return fit_engine(engine, K0, optimizer, steps=steps, callback=callback, **loop)

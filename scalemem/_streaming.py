@@ -245,11 +245,13 @@ def fit_source(source: Source, prototypes: int, *, steps: int,
                learning_rate: float = 5e-4, ridge: float = 1e-6, chunk_rows: int = 4096,
                chunks_per_block: int = 4, seed: int = 0, init=None, dtype=None,
                callback: Callable[[StepReport], Any] | None = None,
-               one_pass: bool = False) -> FitResult:
+               one_pass: bool = False, **loop) -> FitResult:
     """Fit a memory of ``prototypes`` prototypes to a streamed ``source`` (see
     :func:`scalemem._sources.open_source`); the out-of-core counterpart of :func:`scalemem.fit`
     with the same settings, plus ``chunks_per_block`` (chunks per device transfer) and
-    ``one_pass`` (see :mod:`scalemem._streaming`). The source's ``key_scale``/``value_scale`` are
+    ``one_pass`` (see :mod:`scalemem._streaming`). ``loop`` goes to
+    :func:`scalemem._fit.fit_engine` (checkpoint, checkpoint_every, checkpoint_seconds,
+    should_stop, and opt_state/start_step/history to resume). The source's ``key_scale``/``value_scale`` are
     applied on the device. The compute dtype is float64 when the source's data is floating point
     with a float64 array, else float32 (override with ``dtype``).
     """
@@ -271,7 +273,7 @@ def fit_source(source: Source, prototypes: int, *, steps: int,
             raise ConfigError("init", tuple(K0.shape), f"expected shape {(P, m)}")
         engine = StreamingEngine(source, optimizer=optimizer, ridge=ridge, chunk_rows=chunk_rows,
                                  chunks_per_block=chunks_per_block, dtype=dt, one_pass=one_pass)
-        return fit_engine(engine, K0, optimizer, steps=steps, callback=callback)
+        return fit_engine(engine, K0, optimizer, steps=steps, callback=callback, **loop)
 
 
 def evaluate_source(memory: Memory, source: Source, chunk_rows: int = 8192,
