@@ -179,9 +179,12 @@ def scan_stats(K, Qb, Xb, wb, *, key_scale=None, value_scale=None, precision=HIG
     return out
 
 
-def chunk_grad(K, V, VVt, Q, X, w=None, *, key_scale=None, value_scale=None, precision=None) -> jax.Array:
+def chunk_grad(K, V, VVt, Q, X, w=None, *, key_scale=None, value_scale=None,
+               precision=HIGHEST) -> jax.Array:
     """∂/∂K of ½‖X − softmax(Q Kᵀ) V‖² (rows weighted by ``w``) at fixed ``V``; float64 result.
-    ``VVt`` is ``V Vᵀ`` (P×P), computed once per step by the caller."""
+    ``VVt`` is ``V Vᵀ`` (P×P), computed once per step by the caller. ``precision`` is HIGHEST by
+    default (full float32 on GPUs); ``"high"``/``"default"`` opt into TF32/bf16 passes there.
+    CPUs ignore it."""
     dt = K.dtype
     Q = _values(Q, dt, key_scale)
     X = _values(X, dt, value_scale)
@@ -195,7 +198,7 @@ def chunk_grad(K, V, VVt, Q, X, w=None, *, key_scale=None, value_scale=None, pre
     return _tdot(dS, Q, precision).astype(F64)
 
 
-def scan_grad(K, V, Qb, Xb, wb, *, key_scale=None, value_scale=None, precision=None,
+def scan_grad(K, V, Qb, Xb, wb, *, key_scale=None, value_scale=None, precision=HIGHEST,
               init=None) -> jax.Array:
     """:func:`chunk_grad` summed over a block of chunks with ``lax.scan`` (float64 carry);
     ``init`` continues the sum of earlier blocks."""
