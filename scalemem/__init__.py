@@ -4,6 +4,8 @@ Public API (everything else lives in private modules and may change):
 
 - :class:`Memory` — fitted prototypes ``K``, ``V`` with a jit-able ``predict``.
 - :func:`fit` — fit a memory to in-memory keys and values.
+- :func:`save` / :func:`load` — model files without pickle (``.npz`` + JSON metadata); ``load``
+  also takes a run folder written by ``scalemem fit``.
 - :func:`open_source`, :func:`fit_source`, :func:`evaluate_source` — the same, streamed from an
   HDF5 file or a Zarr store (memory independent of the number of rows).
 - :func:`write_fashion_mnist`, :func:`write_synthetic` — write such stores chunk by chunk.
@@ -18,6 +20,7 @@ from ._errors import (CheckpointError, ConfigError, DataError, DownloadError, No
                       NumericsError, NumericsWarning, ScalememError)
 from ._fit import FitResult, StepReport, default_optimizer, fit, init_keys
 from ._model import Memory, predict_in_chunks
+from ._modelio import load, save
 from ._sources import ArraySource, HDF5Source, ZarrSource, open_source
 from ._store import write_fashion_mnist, write_synthetic
 from ._streaming import evaluate_source, fit_source
@@ -25,7 +28,7 @@ from ._streaming import evaluate_source, fit_source
 __version__ = "0.1.0"
 
 __all__ = [
-    "Memory", "fit", "fit_source", "evaluate_source", "open_source", "ArraySource", "HDF5Source",
+    "Memory", "fit", "save", "load", "fit_source", "evaluate_source", "open_source", "ArraySource", "HDF5Source",
     "ZarrSource", "write_fashion_mnist", "write_synthetic", "FitResult", "StepReport", "default_optimizer", "init_keys",
     "predict_in_chunks", "Stats", "SolveInfo", "chunk_stats", "scan_stats", "merge", "zero_stats",
     "solve_ridge", "chunk_grad", "scan_grad", "loss_from_stats", "ScalememError", "ConfigError",
