@@ -92,7 +92,8 @@ def check_compatible(meta: Mapping, config: Mapping, fingerprint: Mapping, where
             _refuse(where, "config", field, a, b,
                     f"resume with {field} = {a!r}, or start a new run (a new --out folder)")
     saved_fp = meta.get("fingerprint") or {}
-    for field in sorted(set(saved_fp) | set(fingerprint)):
+    # the shape fields first, the content hash last (it differs whenever anything else does)
+    for field in list(saved_fp) + [f for f in fingerprint if f not in saved_fp]:
         if field in _UNCHECKED_FINGERPRINT:
             continue
         a, b = saved_fp.get(field), fingerprint.get(field)
