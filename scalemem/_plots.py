@@ -73,8 +73,7 @@ def plot_image_grid(originals, keys, predictions, path, shape=(28, 28),
     n = int(np.asarray(originals).shape[0])
     fig, axes = plt.subplots(len(rows), n, figsize=(1.2 * n + 0.8, 1.3 * len(rows) + 0.4),
                              dpi=120, squeeze=False)
-    cmap = plt.get_cmap("gray").copy()
-    cmap.set_bad("#d0e4f5")  # pixels that are not keys
+    cmap = plt.get_cmap("gray").with_extremes(bad="#d0e4f5")  # light blue: not a key pixel
     for r, (label, data) in enumerate(rows):
         data = np.asarray(data, dtype=np.float64)
         for c in range(n):
