@@ -254,7 +254,7 @@ class Command:
 
 def _help(opt: Opt) -> str:
     text = opt.help.replace("%", "%%")
-    if opt.default not in (None, False) and "default" not in opt.help:
+    if opt.default is not None and opt.default is not False and "default" not in opt.help:
         text += f" (default: {opt.default})"
     if opt.toml and not opt.positional:
         text += f" [config: {opt.name}]"
@@ -526,7 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
         "step and K moved by Adam; the store is streamed chunk by chunk. Writes the run folder "
         "RUN: config.json (the resolved settings), metrics.jsonl (step, loss, train RMSE, "
         "seconds, rows/s), checkpoints/ and model.npz. SIGINT/SIGTERM write a checkpoint and "
-        "stop; `scalemem fit --resume RUN` continues bit-identically."), _BY_KEY["fit"])
+        "stop; `scalemem fit --resume RUN` continues bit-identically. Tip: set "
+        "JAX_COMPILATION_CACHE_DIR to a folder so that a resumed fit reuses the compiled "
+        "programs."), _BY_KEY["fit"])
     _add_opts(sub.add_parser(
         "eval", help="evaluate a model on rows of a store", epilog=_EPILOG,
         description="Evaluate a model on a store: RMSE per value entry and the row count "
