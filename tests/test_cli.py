@@ -19,14 +19,14 @@ N, FIT_ROWS = 2000, 1600
 FIT = ["--rows", "fit", "--prototypes", "16", "--lr", "0.1", "--quiet"]
 
 
-def _image_store(path: Path, seed: int = 0) -> Path:
+def _image_store(path: Path, seed: int = 0, format: str = "zarr") -> Path:
     """10 random 28×28 templates + noise as uint8 pixels, their class labels, 78 key pixels."""
     rng = np.random.default_rng(seed)
     templates = rng.uniform(0, 1, (10, 784))
     labels = rng.integers(0, 10, N).astype(np.uint8)
     px = np.clip(templates[labels] + 0.15 * rng.standard_normal((N, 784)), 0, 1)
     cols = np.sort(rng.choice(784, 78, replace=False)).astype(np.int32)
-    with StoreWriter(path, "zarr") as w:
+    with StoreWriter(path, format) as w:
         w.create_array("pixels", (N, 784), np.uint8, chunk_rows=512).append(
             np.rint(255 * px).astype(np.uint8))
         w.write_array("labels", labels)
@@ -250,6 +250,10 @@ def test_values_are_labels_reports_accuracy(tmp_path, store, capsys):
     probs, yhat = g["predictions"][...], g["predicted_labels"][...][:, 0]
     y = zarr.open_group(str(store), mode="r")["labels"][FIT_ROWS:].astype(np.int64)
     assert ev["accuracy"] == np.mean(yhat == y)  # same argmax of the same float32 predictions
+    # the same rows in an HDF5 copy of the store (h5py reads the label array): same figures
+    h5 = _image_store(tmp_path / "img.h5", format="hdf5")
+    rc, ev5, _ = _json_run(capsys, ["eval", str(run), str(h5), "--rows", "test", "--json"])
+    assert rc == 0 and (ev5["accuracy"], ev5["log_loss"]) == (ev["accuracy"], ev["log_loss"])
     p = np.clip(probs.astype(np.float64), 1e-7, 1)
     p /= p.sum(axis=1, keepdims=True)
     # same float32 predictions, float64 log-loss; sums in another order (1e-9 relative)
