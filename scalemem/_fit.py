@@ -13,10 +13,10 @@ import numpy as np
 import optax
 
 from . import _core
-from ._errors import NonFiniteDataError, NumericsWarning
+from ._errors import ConfigError, NonFiniteDataError, NumericsWarning
 from ._model import Memory
 from ._step import StepOut, make_fused_step
-from ._validate import check_int, check_number, check_pair
+from ._validate import check_init, check_int, check_number, check_pair, check_scale
 
 __all__ = ["FitResult", "StepReport", "Engine", "InMemoryEngine", "LoopState", "FitInterrupted",
            "fit", "fit_engine", "init_keys", "default_optimizer"]
@@ -76,6 +76,7 @@ class InMemoryEngine:
         self.value_dim = int(X.shape[1])
         self._Q, self._X = Q, X
         c = _core.balanced_chunk(self.rows, chunk_rows)
+        self.chunk_rows = c
         Qb, Xb, wb = _core.to_blocks(np.asarray(Q), np.asarray(X), c,
                                      np.ones((self.rows,), np.dtype(dtype)))
         Qb, Xb, wb = (jax.device_put(a) for a in (Qb, Xb, wb))
@@ -100,16 +101,26 @@ class InMemoryEngine:
         return self._final(K, *self._data)
 
     def locate_nonfinite(self) -> NonFiniteDataError:
+        """The first NaN/Inf of the data (array, row, column and chunk: ``row // chunk_rows``),
+        or, when the data is finite, an error saying that the arithmetic overflowed."""
         for name, a in (("keys", self._Q), ("values", self._X)):
             a = np.asarray(a)
             if a.dtype.kind == "f":
                 bad = ~np.isfinite(a).all(axis=1)
                 if bad.any():
                     row = int(np.argmax(bad))
+                    col = int(np.argmax(~np.isfinite(a[row])))
+                    chunk = row // self.chunk_rows
                     return NonFiniteDataError(
-                        f"{name} row {row} holds NaN or Inf", source="memory", array=name, row=row)
-        return NonFiniteDataError("statistics became non-finite although the data is finite; "
-                                  "the logits overflow: scale the keys down", source="memory")
+                        f"memory: {name} row {row}, column {col}, in chunk {chunk} holds "
+                        f"{a[row, col]}; fix or drop the row", source="memory", array=name,
+                        row=row, chunk=chunk)
+        return NonFiniteDataError(OVERFLOW_HINT.format(source="memory"), source="memory")
+
+
+OVERFLOW_HINT = ("{source}: the statistics or the gradient became non-finite although the data is "
+                 "finite: the logits or the products overflow in the compute dtype; scale the "
+                 "keys (or values) down, or compute in float64 (dtype='float64')")
 
 
 def _warn_solve(step: int, info) -> None:
@@ -220,18 +231,47 @@ def _compute_dtype(dtype, *arrays):
     return jnp.dtype(jnp.float32)
 
 
+def _data_init(engine, Qs, P, init, seed, bias, dt):
+    """Keys from the data (see :mod:`scalemem._init`): centres, then the logit scale with the
+    lowest exact training loss over a grid (one statistics pass and solve per candidate)."""
+    from ._init import initial_keys, kmeans_pp
+
+    Qs = np.asarray(Qs, np.float64)
+    rng = np.random.default_rng(seed)
+    if init == "kmeans":
+        C = kmeans_pp(Qs, P, seed=seed)
+    else:  # "sample": P distinct rows
+        C = Qs[rng.choice(Qs.shape[0], P, replace=False)]
+    sub = Qs[rng.choice(Qs.shape[0], min(4096, Qs.shape[0]), replace=False)]
+    d2 = ((sub[:, None, :] - C[None, :min(P, 64), :]) ** 2).sum(-1).min(1)
+    s2 = float(np.median(d2)) or 1.0
+    best = None
+    for g in np.geomspace(1e-3, 64.0, 17):  # from the near-linear regime to sharp kernels
+        K = jnp.asarray(initial_keys(C, g / s2, bias), dt)
+        loss = float(engine.final(K).loss)
+        if np.isfinite(loss) and (best is None or loss < best[0]):
+            best = (loss, K)
+    return best[1]
+
+
 def fit(Q, X, prototypes: int, *, steps: int = 1000, optimizer: optax.GradientTransformation
         | None = None, learning_rate: float = 5e-4, ridge: float = 1e-6, chunk_rows: int = 4096,
-        seed: int = 0, init=None, dtype=None, key_scale: float | None = None,
-        value_scale: float | None = None,
+        seed: int = 0, init="normal", dtype=None, key_scale: float | None = None,
+        value_scale: float | None = None, key_bias: bool = False,
         callback: Callable[[StepReport], Any] | None = None, **loop) -> FitResult:
     """Fit a memory of ``prototypes`` prototypes to keys ``Q`` (N×m) and values ``X`` (N×n).
 
     Each step solves ``V`` exactly (float64 ridge regression on float64-accumulated statistics)
     and moves ``K`` with ``optimizer`` (default ``optax.adam(learning_rate)``) along the
     variable-projection gradient. The compute dtype is float64 when the inputs are float64,
-    else float32 (override with ``dtype``). ``key_scale``/``value_scale`` multiply ``Q``/``X`` on the
-    device (e.g. 1/255 for uint8 pixels). Returns a :class:`FitResult` whose ``memory`` holds ``K`` after the
+    else float32 (override with ``dtype``). ``key_scale``/``value_scale`` multiply ``Q``/``X`` on
+    the device (e.g. 1/255 for uint8 pixels).
+
+    ``init``: ``"normal"`` (the seed's ``0.01·normal(PRNGKey(seed))``), ``"kmeans"`` (k-means++
+    centres of the keys at the logit scale with the lowest exact loss), ``"sample"`` (random rows
+    at that scale), or an array (P×m, or P×(m+1) with ``key_bias``). ``key_bias=True`` adds a
+    learned per-prototype logit bias (``softmax(Q Kᵀ + b)``; with ``"kmeans"`` it starts as a
+    normalised RBF kernel). Returns a :class:`FitResult` whose ``memory`` holds ``K`` after the
     last step and ``V`` solved at that ``K``. ``loop`` goes to :func:`fit_engine` (checkpoint,
     checkpoint_every, checkpoint_seconds, should_stop, and opt_state/start_step/history to
     resume).
@@ -242,13 +282,31 @@ def fit(Q, X, prototypes: int, *, steps: int = 1000, optimizer: optax.GradientTr
     ridge = check_number("ridge", ridge, 0.0)
     chunk_rows = check_int("chunk_rows", chunk_rows, 1)
     seed = check_int("seed", seed)
+    named = isinstance(init, str)
+    if named and init not in ("normal", "kmeans", "sample"):
+        raise ConfigError("init", init, "use 'normal', 'kmeans', 'sample' or an array")
     if optimizer is None:
         optimizer = default_optimizer(check_number("learning_rate", learning_rate, 0.0))
     with jax.enable_x64(True):
         dt = _compute_dtype(dtype, Q, X)
-        K0 = init_keys(P, Q.shape[1], seed, dt) if init is None else jnp.asarray(init, dt)
-        if K0.shape != (P, Q.shape[1]):
-            raise ValueError(f"init has shape {K0.shape}, expected {(P, Q.shape[1])}")
+        m = Q.shape[1]
+        if key_bias:  # a constant-1 key column: its key entries are the logit biases
+            Qn = np.asarray(Q, dt) * (1.0 if key_scale is None else dt.type(key_scale))
+            Q, key_scale = np.hstack([Qn, np.ones((N, 1), dt)]), None
+        mk = m + int(key_bias)
         engine = InMemoryEngine(Q, X, optimizer=optimizer, ridge=ridge, chunk_rows=chunk_rows,
                                 dtype=dt, key_scale=key_scale, value_scale=value_scale)
-        return fit_engine(engine, K0, optimizer, steps=steps, callback=callback, **loop)
+        if named and init == "normal":
+            K0 = init_keys(P, mk, seed, dt)
+        elif named:
+            Qs = np.asarray(Q)[:, :m] * (1.0 if key_scale is None else key_scale)
+            K0 = _data_init(engine, Qs, P, init, seed, key_bias, dt)
+        else:
+            K0 = jnp.asarray(init, dt)
+        if K0.shape != (P, mk):
+            raise ConfigError("init", tuple(K0.shape), f"expected shape {(P, mk)}")
+        res = fit_engine(engine, K0, optimizer, steps=steps, callback=callback, **loop)
+    if key_bias:
+        K = res.memory.K
+        res.memory = Memory(K=K[:, :m], V=res.memory.V, bias=K[:, m])
+    return res

@@ -16,12 +16,14 @@ __all__ = ["Memory", "predict_in_chunks"]
 class Memory:
     """A fitted memory. A JAX pytree, so it can be passed through ``jit``, ``grad`` and ``vmap``.
 
-    ``memory.predict(Q)`` (or ``memory(Q)``) returns ``softmax(Q Kᵀ) V`` for queries ``Q``
-    (…×m); it is pure and differentiable in ``K``, ``V`` and ``Q``.
+    ``memory.predict(Q)`` (or ``memory(Q)``) returns ``softmax(Q Kᵀ + bias) V`` for queries
+    ``Q`` (…×m); it is pure and differentiable in ``K``, ``V``, ``bias`` and ``Q``. ``bias`` (P,)
+    is optional (``None``: the seed's plain dot-product memory).
     """
 
     K: jax.Array
     V: jax.Array
+    bias: jax.Array | None = None
 
     def __post_init__(self):
         k, v = self.K, self.V
@@ -45,7 +47,10 @@ class Memory:
     def weights(self, Q: jax.Array) -> jax.Array:
         """Attention weights ``softmax(Q Kᵀ)`` (…×P)."""
         Q = jnp.asarray(Q, self.K.dtype)
-        return jax.nn.softmax(Q @ self.K.T, axis=-1)
+        logits = Q @ self.K.T
+        if self.bias is not None:
+            logits = logits + self.bias.astype(self.K.dtype)
+        return jax.nn.softmax(logits, axis=-1)
 
     def predict(self, Q: jax.Array) -> jax.Array:
         """``softmax(Q Kᵀ) V``: the values recalled for queries ``Q`` (…×m)."""
