@@ -282,9 +282,13 @@ def fit(Q, X, prototypes: int, *, steps: int = 1000, optimizer: optax.GradientTr
     ridge = check_number("ridge", ridge, 0.0)
     chunk_rows = check_int("chunk_rows", chunk_rows, 1)
     seed = check_int("seed", seed)
+    key_scale = check_scale("key_scale", key_scale)
+    value_scale = check_scale("value_scale", value_scale)
     named = isinstance(init, str)
     if named and init not in ("normal", "kmeans", "sample"):
         raise ConfigError("init", init, "use 'normal', 'kmeans', 'sample' or an array")
+    if not named:
+        check_init("init", init, (P, Q.shape[1] + int(key_bias)))
     if optimizer is None:
         optimizer = default_optimizer(check_number("learning_rate", learning_rate, 0.0))
     with jax.enable_x64(True):
