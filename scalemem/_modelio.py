@@ -29,8 +29,8 @@ import numpy as np
 from ._errors import CheckpointError
 from ._model import Memory
 
-__all__ = ["save", "load", "read_metadata", "UnsafeFileError", "atomic_write", "write_npz", "read_npz",
-           "MODEL_FILE", "MODEL_FORMAT"]
+__all__ = ["save", "load", "read_metadata", "UnsafeFileError", "atomic_write", "write_npz",
+           "read_npz", "MODEL_FILE", "MODEL_FORMAT"]
 
 MODEL_FILE = "model.npz"  # the model inside a run folder
 MODEL_FORMAT = "scalemem-model"
@@ -108,13 +108,20 @@ def _jsonable(obj):
 
 
 def write_npz(path: str | os.PathLike, arrays: Mapping[str, Any], metadata: Mapping) -> Path:
-    """Atomically write ``arrays`` (numeric NumPy/JAX arrays) and ``metadata`` (JSON) as ``.npz``."""
+    """Atomically write ``arrays`` (numeric NumPy/JAX arrays) and ``metadata`` (JSON) as ``.npz``.
+    Arrays holding NaN or Inf are refused (:class:`~scalemem.CheckpointError`)."""
     out: dict[str, np.ndarray] = {}
     for name, a in arrays.items():
         a = np.asarray(a)
         if a.dtype.hasobject:
             raise CheckpointError(f"array {name!r} has dtype object; only numeric arrays are "
                                   "stored")
+        if a.dtype.kind in "fc" and not np.isfinite(a).all():
+            bad = np.argwhere(~np.isfinite(a))[0]
+            raise CheckpointError(f"{path}: array {name!r} holds NaN or Inf (at index "
+                                  f"{tuple(int(i) for i in bad)}); refused, so a saved model or "
+                                  "checkpoint is always usable. The previous file, if any, is "
+                                  "unchanged")
         out[name] = a
     text = json.dumps(_jsonable(metadata), allow_nan=True)
     out[_META] = np.frombuffer(text.encode("utf-8"), np.uint8)
@@ -170,7 +177,7 @@ def read_npz(path: str | os.PathLike, expect: str | None = None) -> tuple[dict, 
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as e:
         raise CheckpointError(f"{path}: not an .npz archive ({e}); the file is corrupted or is "
-                              "not a scalemem model/checkpoint (pickle files are never loaded)") from e
+                              "not a scalemem model/checkpoint (pickles are never loaded)") from e
     with zf:
         _check_members(path, zf)
     try:

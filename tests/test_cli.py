@@ -216,7 +216,8 @@ def test_save_and_load_round_trip(tmp_path):
     from scalemem._modelio import read_metadata
 
     meta = read_metadata(path)
-    assert meta["note"] == "hi" and meta["array"] == [0, 1, 2] and meta["format"] == "scalemem-model"
+    assert meta["note"] == "hi" and meta["array"] == [0, 1, 2]
+    assert meta["format"] == "scalemem-model"
     with pytest.raises(scalemem.CheckpointError, match="scalemem fit --resume"):
         (tmp_path / "unfinished" / "checkpoints").mkdir(parents=True)
         scalemem.load(tmp_path / "unfinished")
