@@ -201,10 +201,10 @@ def fit_engine(engine: Engine, K0, optimizer, *, steps: int, opt_state=None, sta
         pending = (t, out)
         done = t + 1
         stop = should_stop is not None and should_stop()
-        due = checkpoint is not None and done < steps and (
-            stop or (checkpoint_every and done % checkpoint_every == 0)
+        due = checkpoint is not None and (stop or done < steps and (
+            (checkpoint_every and done % checkpoint_every == 0)
             or (checkpoint_seconds is not None
-                and time.perf_counter() - last_ckpt >= checkpoint_seconds))
+                and time.perf_counter() - last_ckpt >= checkpoint_seconds)))
         if due or stop:
             read(*pending)
             pending = None

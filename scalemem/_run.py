@@ -48,10 +48,10 @@ FIT_DEFAULTS: dict[str, Any] = {
     "store": None, "keys": None, "values": None, "rows": None, "values_are_labels": False,
     "classes": None, "prototypes": 64, "steps": 1000, "lr": 5e-4, "ridge": 1e-6,
     "chunk_rows": 4096, "chunks_per_block": 4, "seed": 0, "out": None,
-    "checkpoint_every": 0, "checkpoint_seconds": 300.0, "keep_checkpoints": 3,
+    "checkpoint_every": 0, "checkpoint_seconds": 300.0, "keep_checkpoints": 3, "devices": 0,
 }
 # settings that only say where/how to report, not what is computed
-_SESSION_FIELDS = ("quiet", "overwrite", "json", "resume", "config")
+_SESSION_FIELDS = ("quiet", "overwrite", "json", "resume", "config", "distributed")
 
 
 class RunInterrupted(Exception):
@@ -191,6 +191,7 @@ def _check_fit_config(cfg: Mapping) -> None:
     integer("steps", 0)
     integer("chunk_rows", 1)
     integer("chunks_per_block", 1)
+    integer("devices", 0)
     integer("seed", 0)
     integer("checkpoint_every", 0)
     integer("keep_checkpoints", 1)
@@ -224,14 +225,20 @@ def fit_run(cfg: dict, *, resume: bool = False, say: Callable[[str], None] = pri
     cfg["out"], cfg["store"] = str(run), _abs(cfg["store"])
     if resume and not run.is_dir():
         raise CheckpointError(f"{run}: no such run folder to resume")
-    run.mkdir(parents=True, exist_ok=True)
-    with _run_lock(run):
+    from ._distributed import barrier, is_writer
+
+    writer = is_writer()  # in a multi-process run only process 0 writes the run folder
+    if writer:
+        run.mkdir(parents=True, exist_ok=True)
+    with (_run_lock(run) if writer else contextlib.nullcontext()):
         used = [n for n in (MODEL_FILE, CHECKPOINT_DIR, METRICS_FILE) if (run / n).exists()]
         if used and not resume:
             if not overwrite:
                 raise ConfigError("out", str(run), f"already holds a run ({', '.join(used)}); "
                                   f"continue it with `scalemem fit --resume {run}`, start over "
                                   "with --overwrite, or choose another --out")
+        barrier("scalemem-fit-checked")  # every process looked before process 0 writes
+        if used and not resume and writer:
             _clear_run(run)
         source = open_data(cfg["store"], cfg["keys"], cfg["values"], cfg["rows"],
                            labels=cfg["values_are_labels"], classes=cfg["classes"])
@@ -262,7 +269,8 @@ def fit_run(cfg: dict, *, resume: bool = False, say: Callable[[str], None] = pri
                     say(f"{run}: no checkpoint yet; starting from step 0")
                 else:
                     say(f"resuming {run} from step {ckpt.step} ({ckpt.path.name})")
-            write_json(run / CONFIG_FILE, cfg)
+            if writer:
+                write_json(run / CONFIG_FILE, cfg)
             return _fit(cfg, run, source, fingerprint, manager, ckpt, say, progress)
 
 
@@ -281,16 +289,20 @@ def _fit(cfg, run, source, fingerprint, manager, ckpt, say, progress) -> dict:
     import jax.numpy as jnp
     import optax
 
+    from ._distributed import check_consistent, is_writer, process_count
     from ._fit import FitInterrupted, fit_engine, init_keys
     from ._progress import ProgressBar
     from ._streaming import StreamingEngine
 
+    writer = is_writer()
+    check_consistent({**{k: v for k, v in cfg.items() if k != "out"}, **fingerprint})
     steps = cfg["steps"]
     optimizer = optax.adam(cfg["lr"])
     offset = float(ckpt.meta.get("seconds", 0.0)) if ckpt is not None else 0.0
     metrics_path = run / METRICS_FILE
-    truncate_metrics(metrics_path, ckpt.step if ckpt is not None else 0)
-    bar = ProgressBar(enabled=progress)
+    if writer:
+        truncate_metrics(metrics_path, ckpt.step if ckpt is not None else 0)
+    bar = ProgressBar(enabled=progress and writer)
     t_start = time.perf_counter()
 
     def meta_now() -> dict:
@@ -298,9 +310,12 @@ def _fit(cfg, run, source, fingerprint, manager, ckpt, say, progress) -> dict:
                 "seconds": offset + time.perf_counter() - t_start}
 
     def checkpoint(state) -> None:
-        manager.save(state, meta_now())
+        if writer:
+            manager.save(state, meta_now())
 
-    with MetricsWriter(metrics_path, seconds_offset=offset) as metrics, \
+    metrics_cm = (MetricsWriter(metrics_path, seconds_offset=offset) if writer
+                  else contextlib.nullcontext(lambda report: None))
+    with metrics_cm as metrics, \
             jax.enable_x64(True), _StopFlag() as flag:
         dt = jnp.dtype(cfg["dtype"])
         m = int(source.key_dim)
@@ -309,9 +324,18 @@ def _fit(cfg, run, source, fingerprint, manager, ckpt, say, progress) -> dict:
             metrics(report)
             bar(report)
 
-        engine = StreamingEngine(source, optimizer=optimizer, ridge=float(cfg["ridge"]),
-                                 chunk_rows=cfg["chunk_rows"],
-                                 chunks_per_block=cfg["chunks_per_block"], dtype=dt)
+        ndev = int(cfg.get("devices") or 0) or jax.device_count()
+        if ndev > 1 or process_count() > 1:
+            from ._parallel import ShardedStreamingEngine, make_mesh
+
+            engine = ShardedStreamingEngine(
+                source, mesh=make_mesh(devices=ndev), optimizer=optimizer,
+                ridge=float(cfg["ridge"]), chunk_rows=cfg["chunk_rows"],
+                chunks_per_block=cfg["chunks_per_block"], dtype=dt)
+        else:
+            engine = StreamingEngine(source, optimizer=optimizer, ridge=float(cfg["ridge"]),
+                                     chunk_rows=cfg["chunk_rows"],
+                                     chunks_per_block=cfg["chunks_per_block"], dtype=dt)
         kw: dict[str, Any] = {}
         if ckpt is not None:
             if ckpt.K.shape != (cfg["prototypes"], m) or ckpt.K.dtype != dt:
@@ -332,7 +356,7 @@ def _fit(cfg, run, source, fingerprint, manager, ckpt, say, progress) -> dict:
         except FitInterrupted as e:
             bar.close()
             state = e.state
-            if manager.last_saved != state.step:
+            if writer and manager.last_saved != state.step:
                 checkpoint(state)  # the loop skips it when the stop comes after the last step
             newest = manager.paths()[-1][1] if manager.paths() else None
             raise RunInterrupted(flag.signum or signal.SIGINT, state.step, steps, run,
@@ -351,7 +375,8 @@ def _fit(cfg, run, source, fingerprint, manager, ckpt, say, progress) -> dict:
         meta = {"config": cfg, "fingerprint": fingerprint, "result": result,
                 "metrics": {"loss": res.loss.tolist(), "rmse": res.rmse.tolist(),
                             "seconds": seconds}}
-        save(memory, run / MODEL_FILE, meta)
+        if writer:
+            save(memory, run / MODEL_FILE, meta)
     if flag.signum is not None:
         say(f"{signal.Signals(flag.signum).name} received after the last step: the fit is "
             "complete and the model was saved")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -160,6 +161,14 @@ FIT_OPTS = [
         "to the run's config.json; on CPU the result is bit-identical to an uninterrupted fit)",
         metavar="RUN"),
     Opt("overwrite", "start over in an --out folder that already holds a run", bool, False),
+    Opt("devices", "split the rows over this many devices (0: every device of the run; on a "
+        "CPU-only machine that is 1). With more than one, statistics and gradients are "
+        "psum-reduced across devices", int, 0, metavar="D"),
+    Opt("distributed", "join a multi-process run through jax.distributed: coordinator, "
+        "process count and id from JAX_COORDINATOR_ADDRESS, SCALEMEM_NUM_PROCESSES and "
+        "SCALEMEM_PROCESS_ID, or found by JAX under SLURM/Open MPI (automatic when those "
+        "variables are set). Each process reads only its own rows; process 0 writes the run "
+        "folder", bool, False),
     _QUIET, _JSON, _CONFIG,
 ]
 
@@ -416,6 +425,12 @@ def _run_fit(cfg: dict, say: _Out) -> dict:
     elif cfg.get("store") is None:
         raise ConfigError("store", None, "give the store to fit (scalemem fit STORE …), or "
                           "--resume RUN")
+    from ._distributed import initialize
+
+    if cfg.get("distributed"):
+        initialize()
+    elif any(os.environ.get(v) for v in ("JAX_COORDINATOR_ADDRESS", "SCALEMEM_NUM_PROCESSES")):
+        initialize()  # launched as one process of several: join them
     return fit_run(cfg, resume=resume is not None, say=say, progress=not cfg["quiet"])
 
 
