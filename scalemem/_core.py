@@ -32,7 +32,7 @@ from jax.scipy.linalg import cho_solve
 __all__ = [
     "Stats", "SolveInfo", "softmax_weights", "zero_stats", "merge", "chunk_stats", "scan_stats",
     "chunk_grad", "scan_grad", "solve_ridge", "loss_from_stats", "to_blocks", "value_moments",
-    "scan_moments", "balanced_chunk",
+    "scan_moments", "balanced_chunk", "grad_operands",
 ]
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -55,18 +55,22 @@ class SolveInfo(NamedTuple):
     backward_error: jax.Array  # () float64, ‖(G+λI)V − B‖ / (‖G+λI‖‖V‖ + ‖B‖)
     attempts: jax.Array  # () int32, Cholesky factorisations tried
     fallback: jax.Array  # () bool, True when the eigendecomposition fallback was used
-    condition: jax.Array  # () float64, estimate of cond(G + λI + jitter·I): (max Lᵢᵢ / min Lᵢᵢ)²
+    condition: jax.Array  # () float64, estimate of cond₂(G + λI + jitter·I) (a lower bound)
 
     @property
     def needs_attention(self) -> bool:
         """True when the solve used jitter or the fallback, or the system is so ill-conditioned
-        (estimate above ``ILL_CONDITIONED``) that V may carry large rounding errors."""
+        (estimate above ``ILL_CONDITIONED`` = 1e9) that V may carry large rounding errors."""
         return bool(self.jitter > 0) or bool(self.fallback) or bool(
             self.condition > ILL_CONDITIONED)
 
 
-# Above this condition number float64 keeps fewer than ~4 significant digits of V.
-ILL_CONDITIONED = 1e12
+# Above this condition number float64 rounding alone can cost V more than 7 of its ~16
+# significant digits, so V is less precise than float32 data (and tiny changes of the data move
+# it a lot). The estimate is a lower bound within ~2x, so a Gram matrix of condition 1e10 is
+# flagged with a wide margin; typical fits sit at 1e4-1e8 (Fashion-MNIST fit10k, P=100, ridge
+# 1e-6: 1e8 at the 0.01-scale initial keys, 4e5 forty steps later).
+ILL_CONDITIONED = 1e9
 
 
 def _check_x64() -> None:
@@ -127,6 +131,17 @@ def chunk_stats(K, Q, X, w=None, *, key_scale=None, value_scale=None, precision=
     part of ``G`` is ``DᵀD``, orders of magnitude below ``W c² 11ᵀ``: a plain float32 ``AᵀA``
     would drown it in rounding (the seed prototype's instability). Later, when the weights are
     peaked, ``|D| ≈ |A|`` and the error is that of a plain product.
+
+    Offset values. The value side is shifted too: with ``μ`` the chunk's column means (rounded
+    to the compute dtype) and ``Y = X − 1μᵀ``, ``DᵀWX = DᵀWY + s μᵀ`` exactly (``DᵀW1 = s``), so
+    the low-precision product's rounding is relative to ``|X − μ|`` instead of ``|X|``. And the
+    identities of exact softmax weights (rows sum to 1, so each row of ``D`` sums to
+    ``e = 1 − P c``, which is 0 but for the rounding of ``c = 1/P``) are imposed on the float64
+    result: ``Σ_p s_p = W e``, ``(DᵀWD) 1 = e s`` and ``1ᵀ(DᵀWY) = e Σ w (x − μ)``. They hold
+    exactly for exact weights, so they remove rounding only, and only along ``1``: the direction
+    that a common offset of the values (``V ≈ 1μᵀ``) multiplies in the loss and the solve. With
+    them, float32 values of mean 1e3 and spread 1 keep the loss to ~1e-9 relative; without them
+    it was off by 17% (``tests/test_numerics.py``).
     """
     _check_x64()
     dt = K.dtype
@@ -144,13 +159,33 @@ def chunk_stats(K, Q, X, w=None, *, key_scale=None, value_scale=None, precision=
         w = w.astype(dt)
         W = jnp.sum(w, dtype=F64)
         Dw, Aw = D * w[:, None], A * w[:, None]
+    # exact weights have rows summing to 1, so each row of D sums to e = 1 − P c (not quite 0:
+    # c is 1/P rounded to the compute dtype), Σ_p s_p = W e and (DᵀWD) 1 = e s
+    e = 1.0 - P * c64
     s = jnp.sum(Aw, axis=0, dtype=F64) - W * c64
+    s = s - jnp.mean(s) + W * e / P
     xsum, xx = value_moments(X, w, dtype=dt) if moments is None else moments
+    mu = jnp.where(W > 0, xsum / jnp.where(W > 0, W, 1.0), 0.0).astype(dt)  # column means
     ones = jnp.ones((P,), F64)
     G = (W * c64 * c64) * jnp.outer(ones, ones) + c64 * (jnp.outer(ones, s) + jnp.outer(s, ones))
-    G = G + _tdot(Dw, D, precision).astype(F64)
-    B = c64 * jnp.outer(ones, xsum) + _tdot(Dw, X, precision).astype(F64)
+    G = G + _with_row_sums(_tdot(Dw, D, precision).astype(F64), e * s)
+    mu64 = mu.astype(F64)
+    DY = _tdot(Dw, X - mu, precision).astype(F64)
+    DY = DY - jnp.mean(DY, axis=0) + (e / P) * (xsum - W * mu64)  # 1ᵀDᵀWY = e Σ w (x − μ)
+    B = c64 * jnp.outer(ones, xsum) + jnp.outer(s, mu64) + DY
     return Stats(G, B, xx, W)
+
+
+def _with_row_sums(M, r):
+    """The symmetric ``M`` with its row (and column) sums replaced by ``r``: ``J M J`` plus the
+    symmetric rank-2 term with row sums ``r`` (``J = I − 11ᵀ/P``); the part of ``M`` orthogonal
+    to ``1`` is unchanged."""
+    P = M.shape[0]
+    ones = jnp.ones((P,), M.dtype)
+    JMJ = (M - jnp.mean(M, axis=0, keepdims=True) - jnp.mean(M, axis=1, keepdims=True)
+           + jnp.mean(M))
+    return JMJ + (jnp.outer(r, ones) + jnp.outer(ones, r)) / P - (jnp.sum(r) / P**2) * jnp.outer(
+        ones, ones)
 
 
 def scan_moments(Xb, wb, *, value_scale=None, dtype=jnp.float32):
@@ -180,14 +215,22 @@ def scan_stats(K, Qb, Xb, wb, *, key_scale=None, value_scale=None, precision=HIG
 
 
 def chunk_grad(K, V, VVt, Q, X, w=None, *, key_scale=None, value_scale=None,
-               precision=HIGHEST) -> jax.Array:
+               precision=HIGHEST, shift=None) -> jax.Array:
     """∂/∂K of ½‖X − softmax(Q Kᵀ) V‖² (rows weighted by ``w``) at fixed ``V``; float64 result.
     ``VVt`` is ``V Vᵀ`` (P×P), computed once per step by the caller. ``precision`` is HIGHEST by
     default (full float32 on GPUs); ``"high"``/``"default"`` opt into TF32/bf16 passes there.
-    CPUs ignore it."""
+    CPUs ignore it.
+
+    ``shift`` (an n-vector ``ν``, optional) says ``V`` was passed as ``V₀ − 1νᵀ``: the values
+    are shifted by ``ν`` too, which gives the gradient at ``V₀`` (softmax rows sum to 1, so
+    ``A V₀ − X = A(V₀ − 1νᵀ) − (X − 1νᵀ)``, and the softmax backward drops the remaining
+    row-constant term). :func:`scan_grad` centres ``V`` this way, so the products round
+    relative to the spread of the values, not to their offset."""
     dt = K.dtype
     Q = _values(Q, dt, key_scale)
     X = _values(X, dt, value_scale)
+    if shift is not None:
+        X = X - jnp.asarray(shift).astype(dt)
     V = V.astype(dt)
     A = softmax_weights(K, Q, precision)
     R = jnp.matmul(A, VVt.astype(dt), precision=precision) - jnp.matmul(
@@ -198,18 +241,28 @@ def chunk_grad(K, V, VVt, Q, X, w=None, *, key_scale=None, value_scale=None,
     return _tdot(dS, Q, precision).astype(F64)
 
 
+def grad_operands(V, dtype, precision=HIGHEST):
+    """``(V − 1νᵀ, (V − 1νᵀ)(V − 1νᵀ)ᵀ, ν)`` in ``dtype`` with ``ν`` the mean row of ``V``: the
+    arguments ``V``, ``VVt`` and ``shift`` of :func:`chunk_grad` for the gradient at ``V``, once
+    per step. Every engine should use them, so that all compute the same gradient."""
+    V64 = V.astype(F64)
+    nu = jnp.mean(V64, axis=0).astype(dtype)  # rounded first, so that Vd + ν is V
+    Vd = (V64 - nu.astype(F64)).astype(dtype)
+    return Vd, jnp.matmul(Vd, Vd.T, precision=precision), nu
+
+
 def scan_grad(K, V, Qb, Xb, wb, *, key_scale=None, value_scale=None, precision=HIGHEST,
               init=None) -> jax.Array:
     """:func:`chunk_grad` summed over a block of chunks with ``lax.scan`` (float64 carry);
-    ``init`` continues the sum of earlier blocks."""
+    ``init`` continues the sum of earlier blocks. ``V`` is centred on its mean row (``shift``
+    of :func:`chunk_grad`), so offset values keep their precision."""
     _check_x64()
-    Vd = V.astype(K.dtype)
-    VVt = jnp.matmul(Vd, Vd.T, precision=precision)
+    Vd, VVt, nu = grad_operands(V, K.dtype, precision)
 
     def body(acc, chunk):
         q, x, w = chunk
         return acc + chunk_grad(K, Vd, VVt, q, x, w, key_scale=key_scale,
-                                value_scale=value_scale, precision=precision), None
+                                value_scale=value_scale, precision=precision, shift=nu), None
 
     init = jnp.zeros(K.shape, F64) if init is None else init
     out, _ = jax.lax.scan(body, init, (Qb, Xb, wb))
@@ -220,6 +273,33 @@ def _backward_error(M, V, B):
     r = M @ V - B
     den = jnp.linalg.norm(M) * jnp.linalg.norm(V) + jnp.linalg.norm(B)
     return jnp.linalg.norm(r) / jnp.maximum(den, jnp.finfo(F64).tiny)
+
+
+def _condition(M, L, iters: int = 10):
+    """A lower bound on ``cond₂(M)`` for SPD ``M = L Lᵀ``, usually within a factor of 2: power
+    iteration on ``M`` for ``λ_max`` and inverse iteration (two triangular solves with ``L``) for
+    ``λ_min``, ``iters`` of each from a fixed start vector; O(iters·P²), small beside the
+    factorisation. Never below the classic ``(max Lᵢᵢ / min Lᵢᵢ)²`` (also a lower bound, but one
+    that can be orders of magnitude low: 2e7 for a condition number of 1e10)."""
+    P = M.shape[0]
+    tiny = jnp.finfo(F64).tiny
+    x0 = jnp.cos(jnp.arange(1, P + 1, dtype=F64) * 2.399963229728653)  # golden angle: no symmetry
+    x0 = x0 / jnp.linalg.norm(x0)
+
+    def largest(f):  # ‖f(x)‖ after ``iters`` normalised applications of f to x0
+        def body(x, _):
+            y = f(x)
+            return y / jnp.maximum(jnp.linalg.norm(y), tiny), None
+
+        x, _ = jax.lax.scan(body, x0, None, length=iters)
+        return jnp.linalg.norm(f(x))
+
+    lmax = largest(lambda x: M @ x)
+    inv_lmin = largest(lambda x: cho_solve((L, True), x))
+    d = jnp.abs(jnp.diagonal(L))
+    diag = jnp.square(jnp.max(d) / jnp.maximum(jnp.min(d), tiny))
+    est = jnp.maximum(lmax * inv_lmin, diag)
+    return jnp.where(jnp.isfinite(est), est, jnp.inf)
 
 
 def solve_ridge(stats: Stats, ridge, *, max_attempts: int = 12, tol: float = 1e-10):
@@ -252,9 +332,7 @@ def solve_ridge(stats: Stats, ridge, *, max_attempts: int = 12, tol: float = 1e-
         V = cho_solve((L, True), B)
         be = _backward_error(M, V, B)
         ok = jnp.all(jnp.isfinite(V)) & jnp.isfinite(be) & (be <= tol)
-        d = jnp.abs(jnp.diagonal(L))
-        cond = jnp.square(jnp.max(d) / jnp.maximum(jnp.min(d), jnp.finfo(F64).tiny))
-        return V, j, be, ok, cond
+        return V, j, be, ok, L
 
     def again(state):
         k, _, _, _, ok, _ = state
@@ -264,7 +342,7 @@ def solve_ridge(stats: Stats, ridge, *, max_attempts: int = 12, tol: float = 1e-
         k = state[0]
         return (k + 1, *attempt(k))
 
-    k, V, j, be, ok, cnd = jax.lax.while_loop(again, body, (jnp.int32(1), *attempt(jnp.int32(0))))
+    k, V, j, be, ok, L = jax.lax.while_loop(again, body, (jnp.int32(1), *attempt(jnp.int32(0))))
 
     def eig_fallback(_):
         w, U = jnp.linalg.eigh(M)
@@ -274,7 +352,8 @@ def solve_ridge(stats: Stats, ridge, *, max_attempts: int = 12, tol: float = 1e-
         return Vf, _backward_error(M, Vf, B), jnp.max(jnp.abs(w)) / jnp.maximum(
             jnp.min(jnp.abs(w)), jnp.finfo(F64).tiny)
 
-    V, be, cnd = jax.lax.cond(ok, lambda _: (V, be, cnd), eig_fallback, None)
+    V, be, cnd = jax.lax.cond(ok, lambda _: (V, be, _condition(M + j * eye, L)), eig_fallback,
+                              None)
     return V, SolveInfo(jitter=jnp.where(ok, j, 0.0), backward_error=be, attempts=k,
                         fallback=~ok, condition=cnd)
 

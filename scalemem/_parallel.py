@@ -320,13 +320,14 @@ def _stats_from(acc, K, Qb, Xb, wb, key_scale, value_scale):
 
 
 def _grad_from(acc, K, V, Qb, Xb, wb, key_scale, value_scale, precision):
-    Vd = V.astype(K.dtype)
-    VVt = jnp.matmul(Vd, Vd.T, precision=precision)
+    # the same centred operands as _core.scan_grad, so every engine computes the same gradient
+    Vd, VVt, nu = _core.grad_operands(V, K.dtype, precision)
 
     def body(g, chunk):
         q, x, w = chunk
         return g + _core.chunk_grad(K, Vd, VVt, q, x, w, key_scale=key_scale,
-                                    value_scale=value_scale, precision=precision), None
+                                    value_scale=value_scale, precision=precision,
+                                    shift=nu), None
 
     return jax.lax.scan(body, acc, (Qb, Xb, wb))[0]
 

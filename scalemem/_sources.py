@@ -39,6 +39,7 @@ message names the store and the array.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import numbers
 import os
@@ -49,13 +50,18 @@ from typing import Any
 
 import numpy as np
 
-from ._errors import ConfigError, DataError
+from ._errors import ConfigError, DataError, ScalememError
 from ._source import Source
+from ._validate import data_error
 
 __all__ = ["View", "parse_view", "ArraySource", "HDF5Source", "ZarrSource", "open_source",
-           "store_format", "META_KEY"]
+           "store_format", "META_KEY", "MISSING_CHUNKS", "meta_digest"]
 
 META_KEY = "scalemem"  # the root attribute holding splits and default views
+# What a read does when a chunk that covers its rows is not stored (deleted, lost in a copy, or
+# never written): "error" raises DataError; "fill" reads the array's fill value, as h5py and
+# zarr do by default. A store scalemem writes stores every chunk, so "error" never fires on it.
+MISSING_CHUNKS = ("error", "fill")
 
 _SEGMENT = r"[A-Za-z_][\w.\-]*"
 _NAME = rf"{_SEGMENT}(?:/{_SEGMENT})*"
@@ -155,8 +161,71 @@ class _Store:
     def get(self, name: str):  # pragma: no cover - interface
         raise NotImplementedError
 
+    def read_rows(self, name: str, a: int, b: int) -> np.ndarray:
+        """Rows ``a … b-1`` of array ``name`` (backends check first that they are stored)."""
+        return np.asarray(self.get(name)[a:b])
+
     def close(self) -> None:
         pass
+
+
+def _check_missing_chunks(value) -> str:
+    if value not in MISSING_CHUNKS:
+        raise ConfigError("missing_chunks", value, f"must be one of {', '.join(MISSING_CHUNKS)}")
+    return value
+
+
+def _chunk_rows_of(a: int, b: int, rows_per_chunk: int) -> range:
+    """Indices of the row chunks that rows ``a … b-1`` touch."""
+    return range(a // rows_per_chunk, (b - 1) // rows_per_chunk + 1) if b > a else range(0)
+
+
+def _missing(store_name: str, name: str, what: str, r0: int, r1: int, fill, extra: str = ""):
+    fill = np.asarray(fill).tolist() if fill is not None else None
+    return DataError(
+        f"{store_name}: array {name!r} has no stored {what} for rows {r0}:{r1}; reading it would "
+        f"silently give the fill value {fill!r} instead of data. The chunk was deleted or lost, "
+        f"or never written{extra}. Restore the store (or re-create it with scalemem); only if "
+        "those rows really are fill values, open it with missing_chunks='fill'")
+
+
+def meta_digest(meta: Mapping) -> str:
+    """SHA-256 of the ``scalemem`` attribute as canonical JSON, without ``integrity.digest``
+    itself. A store written by scalemem records it, with the shape and dtype of every array,
+    under ``integrity``; opening the store checks both, so a damaged attribute or a damaged
+    array header (a changed shape, say) is refused instead of silently changing the data."""
+    body = dict(meta)
+    rec = dict(body.get("integrity") or {})
+    rec.pop("digest", None)
+    body["integrity"] = rec
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _check_digest(meta: dict, where: str) -> None:
+    rec = meta.get("integrity")
+    if rec is None:
+        return  # a store not written by scalemem (or by an older version): nothing to check
+    if not isinstance(rec, Mapping) or rec.get("digest") != meta_digest(meta):
+        raise DataError(f"{where}: the {META_KEY!r} attribute does not match its checksum; the "
+                        "store's metadata is corrupted (restore or re-create the store)")
+
+
+def _check_recorded(store: "_Store", name: str, arr) -> None:
+    """Compare an array's shape and dtype with those recorded when the store was written."""
+    rec = ((store.meta.get("integrity") or {}).get("arrays") or {}).get(name)
+    if not isinstance(rec, Mapping):
+        return
+    shape, dtype = tuple(arr.shape), np.dtype(arr.dtype)
+    try:
+        want_shape, want_dtype = tuple(int(x) for x in rec["shape"]), np.dtype(rec["dtype"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{store.name}: the integrity record of array {name!r} is malformed "
+                        f"({rec!r}); the store's metadata is corrupted") from e
+    if shape != want_shape or dtype != want_dtype:
+        raise DataError(f"{store.name}: array {name!r} is {dtype}{list(shape)} but was written as "
+                        f"{want_dtype}{list(want_shape)}; its metadata is corrupted (restore or "
+                        "re-create the store)")
 
 
 def _meta_from(attrs, where: str) -> dict:
@@ -173,7 +242,9 @@ def _meta_from(attrs, where: str) -> dict:
     if not isinstance(raw, Mapping):
         raise DataError(f"{where}: attribute {META_KEY!r} must be a mapping, got "
                         f"{type(raw).__name__}")
-    return dict(raw)
+    meta = dict(raw)
+    _check_digest(meta, where)
+    return meta
 
 
 class _DictStore(_Store):
@@ -190,48 +261,105 @@ class _DictStore(_Store):
 
 
 class _HDF5Store(_Store):
-    def __init__(self, path, cache_bytes: int):
+    def __init__(self, path, cache_bytes: int, missing_chunks: str = "error"):
         import h5py
 
         self.name = str(path)
+        self.missing_chunks = _check_missing_chunks(missing_chunks)
         try:
             # a chunk cache larger than one chunk, so a row range inside a chunk does not
-            # decompress the chunk again for every read (h5py's default cache is 1 MiB)
-            self._file = h5py.File(path, "r", rdcc_nbytes=cache_bytes, rdcc_nslots=10007)
-        except OSError as e:
-            raise DataError(f"{path}: cannot open as an HDF5 file ({e})") from e
-        self.meta = _meta_from(self._file.attrs, self.name)
+            # decompress the chunk again for every read (h5py's default cache is 1 MiB).
+            # locking="best-effort": readers take HDF5's shared lock where the file system
+            # supports locks and go on without one where it does not (NFS, Lustre), so many
+            # reader processes can open one file
+            self._file = h5py.File(path, "r", rdcc_nbytes=cache_bytes, rdcc_nslots=10007,
+                                   locking="best-effort")
+        except (OSError, ValueError, RuntimeError) as e:
+            raise DataError(f"{path}: cannot open as an HDF5 file ({e}); the file may be "
+                            "truncated or corrupted") from e
+        try:
+            self.meta = _meta_from(self._file.attrs, self.name)
+        except ScalememError:
+            self._file.close()
+            raise
+        except Exception as e:  # noqa: BLE001 - h5py raises many types on a corrupted header
+            self._file.close()
+            raise DataError(f"{path}: cannot read the root attributes ({type(e).__name__}: {e}); "
+                            "the file is corrupted") from e
         self._cache: dict = {}
+        self._stored: dict[str, set] = {}  # row chunks known to be stored, per array
 
     def get(self, name):
         import h5py
 
         if name in self._cache:
             return self._cache[name]
-        obj = self._file.get(name)
+        try:
+            obj = self._file.get(name)
+            if isinstance(obj, h5py.Dataset):
+                obj.shape, obj.dtype  # noqa: B018 - read the dataspace and type messages now
+            names = ", ".join(sorted(self._file.keys())) if obj is None else ""
+        except Exception as e:  # noqa: BLE001 - h5py raises many types on corrupted metadata
+            raise DataError(f"{self.name}: cannot open array {name!r} ({type(e).__name__}: {e});"
+                            " the file is corrupted") from e
         if obj is None:
             raise DataError(f"{self.name}: no array {name!r} (top-level names: "
-                            f"{', '.join(sorted(self._file.keys())) or 'none'})")
+                            f"{names or 'none'})")
         if not isinstance(obj, h5py.Dataset):
             raise DataError(f"{self.name}: {name!r} is a group, not an array")
         self._cache[name] = obj
         return obj
+
+    def read_rows(self, name, a, b):
+        ds = self.get(name)
+        if self.missing_chunks == "error":
+            self._check_stored(name, ds, a, b)
+        return np.asarray(ds[a:b])
+
+    def _check_stored(self, name, ds, a, b) -> None:
+        """Raise when a chunk holding rows ``a … b-1`` was never written (HDF5 reads the fill
+        value there). Each row chunk is checked once per open file."""
+        import h5py
+
+        layout = ds.id.get_create_plist().get_layout()
+        fill = ds.fillvalue
+        if layout == h5py.h5d.CONTIGUOUS and b > a and not ds.external:
+            if ds.id.get_storage_size() == 0:
+                raise _missing(self.name, name, "data", 0, ds.shape[0], fill,
+                               " (the dataset was created but never written)")
+            return
+        if layout != h5py.h5d.CHUNKED:
+            return  # compact data lives in the header; virtual datasets map other files
+        rows, cols = ds.chunks[0], ds.chunks[1] if len(ds.chunks) > 1 else 1
+        width = ds.shape[1] if len(ds.shape) > 1 else 1
+        seen = self._stored.setdefault(name, set())
+        for i in _chunk_rows_of(a, b, rows):
+            if i in seen:
+                continue
+            for j in range(0, width, cols):
+                coord = (i * rows, j) if len(ds.shape) > 1 else (i * rows,)
+                if ds.id.get_chunk_info_by_coord(coord).byte_offset is None:
+                    raise _missing(self.name, name, f"chunk at {coord}", i * rows,
+                                   min((i + 1) * rows, ds.shape[0]), fill)
+            seen.add(i)
 
     def close(self):
         self._file.close()
 
 
 class _ZarrStore(_Store):
-    def __init__(self, path):
+    def __init__(self, path, missing_chunks: str = "error"):
         import zarr
 
         self.name = str(path)
+        self.missing_chunks = _check_missing_chunks(missing_chunks)
         try:
             self._group = zarr.open_group(store=str(path), mode="r")
         except Exception as e:  # zarr raises several types (FileNotFoundError, GroupNotFound...)
             raise DataError(f"{path}: cannot open as a Zarr group ({type(e).__name__}: {e})") from e
         self.meta = _meta_from(self._group.attrs.asdict(), self.name)
         self._cache: dict = {}  # opening a zarr array reads its metadata file: do it once
+        self._stored: dict[str, set] = {}  # row chunks known to be stored, per array
 
     def get(self, name):
         import zarr
@@ -242,6 +370,9 @@ class _ZarrStore(_Store):
             obj = self._group[name]
         except KeyError:
             obj = None
+        except Exception as e:  # noqa: BLE001 - garbage metadata: JSONDecodeError, ValueError...
+            raise DataError(f"{self.name}: cannot open array {name!r} ({type(e).__name__}: {e});"
+                            " its metadata (zarr.json) is corrupted") from e
         if obj is None:
             raise DataError(f"{self.name}: no array {name!r} (top-level names: "
                             f"{', '.join(sorted(self._group.keys())) or 'none'})")
@@ -249,6 +380,33 @@ class _ZarrStore(_Store):
             raise DataError(f"{self.name}: {name!r} is a group, not an array")
         self._cache[name] = obj
         return obj
+
+    def read_rows(self, name, a, b):
+        arr = self.get(name)
+        if self.missing_chunks == "error":
+            self._check_stored(name, arr, a, b)
+        return np.asarray(arr[a:b])
+
+    def _check_stored(self, name, arr, a, b) -> None:
+        """Raise when a chunk (a shard, for sharded arrays) holding rows ``a … b-1`` is not in
+        the store: zarr would return the fill value for it. Each row chunk is checked once."""
+        from zarr.core.sync import sync
+
+        grid = tuple(arr.shards or arr.chunks)
+        store, base = arr.store_path.store, arr.store_path.path
+        ncols = -(-arr.shape[1] // grid[1]) if len(grid) > 1 else 1
+        seen = self._stored.setdefault(name, set())
+        for i in _chunk_rows_of(a, b, grid[0]):
+            if i in seen:
+                continue
+            for j in range(ncols):
+                key = arr.metadata.encode_chunk_key((i, j) if len(grid) > 1 else (i,))
+                if not sync(store.exists(f"{base}/{key}" if base else key)):
+                    raise _missing(self.name, name, f"chunk {key!r}", i * grid[0],
+                                   min((i + 1) * grid[0], arr.shape[0]), arr.fill_value,
+                                   " (zarr also omits chunks equal to the fill value unless "
+                                   "they are written with write_empty_chunks=True)")
+            seen.add(i)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -267,14 +425,17 @@ class _Resolved:
 
 def _resolve(store: _Store, view: View, field: str) -> _Resolved:
     arr = store.get(view.array)
+    _check_recorded(store, view.array, arr)
     shape, where = tuple(arr.shape), f"{store.name}: array {view.array!r}"
     if len(shape) != 2:
-        raise DataError(f"{where} has shape {shape}; a view needs a 2-D array (rows × columns)")
+        raise data_error(field, shape, f"{field}: {where} has shape {shape}; a view needs a 2-D "
+                         "array (rows × columns)")
     dtype = np.dtype(arr.dtype)
-    if dtype.kind not in "fiu":
-        raise DataError(f"{where} has dtype {dtype}; use an integer or floating-point array")
+    if dtype.kind not in "fiu" or dtype.fields is not None:
+        raise data_error(field, dtype, f"{field}: {where} has dtype {dtype}; use an integer or "
+                         "floating-point array")
     if shape[0] < 1 or shape[1] < 1:
-        raise DataError(f"{where} is empty (shape {shape})")
+        raise data_error(field, shape, f"{field}: {where} is empty (shape {shape})")
     n = shape[1]
     if view.columns is None:
         return _Resolved(view.array, None, n, shape[0], dtype, view.scale)
@@ -306,7 +467,13 @@ def _resolve(store: _Store, view: View, field: str) -> _Resolved:
 
 def _index_array(store: _Store, name: str, n: int, field: str, view: View) -> np.ndarray:
     where = f"{store.name}: index array {name!r}"
-    idx = np.asarray(store.get(name)[...])
+    arr = store.get(name)
+    _check_recorded(store, name, arr)
+    try:
+        idx = np.asarray(arr[...])
+    except Exception as e:  # noqa: BLE001 - a corrupted chunk: zarr/h5py raise many types
+        raise DataError(f"{where} cannot be read ({type(e).__name__}: {e}); the store may be "
+                        "corrupted") from e
     if idx.ndim == 2 and 1 in idx.shape:
         idx = idx.reshape(-1)
     if idx.ndim != 1 or idx.size == 0:
@@ -382,9 +549,10 @@ class _ViewSource:
         self._kview = _resolve(store, specs["keys"], "keys")
         self._vview = _resolve(store, specs["values"], "values")
         if self._kview.rows != self._vview.rows:
-            raise DataError(f"{store.name}: keys array {self._kview.array!r} has "
-                            f"{self._kview.rows} rows but values array {self._vview.array!r} "
-                            f"has {self._vview.rows}; each key row needs one value row")
+            raise data_error("values", self._vview.rows,
+                             f"{store.name}: keys array {self._kview.array!r} has "
+                             f"{self._kview.rows} rows but values array {self._vview.array!r} "
+                             f"has {self._vview.rows}; each key row needs one value row")
         splits = store.meta.get("splits") or {}
         if not isinstance(splits, Mapping):
             raise DataError(f"{store.name}: 'splits' attribute must be a mapping")
@@ -412,8 +580,10 @@ class _ViewSource:
 
     def _read_rows(self, name: str, a: int, b: int) -> np.ndarray:
         try:
-            return np.asarray(self._store.get(name)[a:b])
-        except (OSError, ValueError, RuntimeError) as e:
+            return self._store.read_rows(name, a, b)
+        except (ScalememError, MemoryError):
+            raise
+        except Exception as e:  # noqa: BLE001 - h5py, zarr and the codecs raise many types
             raise DataError(f"{self.name}: cannot read rows {a}:{b} of array {name!r} "
                             f"({type(e).__name__}: {e}); the store may be corrupted") from e
 
@@ -462,8 +632,14 @@ class HDF5Source(_ViewSource):
     ``cache_bytes`` sizes h5py's chunk cache per array (default 64 MiB: a few row chunks)."""
 
     def __init__(self, path: str | os.PathLike, keys: str | View | None = None,
-                 values: str | View | None = None, rows=None, *, cache_bytes: int = 64 << 20):
-        super().__init__(_HDF5Store(path, cache_bytes), keys, values, rows)
+                 values: str | View | None = None, rows=None, *, cache_bytes: int = 64 << 20,
+                 missing_chunks: str = "error"):
+        store = _HDF5Store(path, cache_bytes, missing_chunks)
+        try:
+            super().__init__(store, keys, values, rows)
+        except BaseException:
+            store.close()
+            raise
 
 
 class ZarrSource(_ViewSource):
@@ -471,8 +647,8 @@ class ZarrSource(_ViewSource):
     zarr-python also reads format 2)."""
 
     def __init__(self, path: str | os.PathLike, keys: str | View | None = None,
-                 values: str | View | None = None, rows=None):
-        super().__init__(_ZarrStore(path), keys, values, rows)
+                 values: str | View | None = None, rows=None, *, missing_chunks: str = "error"):
+        super().__init__(_ZarrStore(path, missing_chunks), keys, values, rows)
 
 
 def store_format(path: str | os.PathLike) -> str:
@@ -492,14 +668,18 @@ def store_format(path: str | os.PathLike) -> str:
 
 
 def open_source(store: str | os.PathLike, keys: str | View | None = None,
-                values: str | View | None = None, rows=None) -> Source:
+                values: str | View | None = None, rows=None, *,
+                missing_chunks: str = "error") -> Source:
     """Open an HDF5 file or a Zarr directory (detected from the path) as a
     :class:`~scalemem._source.Source`.
 
     ``keys``/``values`` are view specs (module docstring); ``None`` uses the store's default
     views. ``rows`` is ``None`` (all rows), a split name recorded in the store (``"fit10k"``) or
-    ``"START:STOP"``.
+    ``"START:STOP"``. ``missing_chunks="error"`` (default) makes a read of rows whose chunk is
+    not stored raise :class:`~scalemem.DataError` instead of returning fill values; ``"fill"``
+    accepts them (for sparse stores written that way on purpose).
     """
+    _check_missing_chunks(missing_chunks)
     fmt = store_format(store)
     cls = ZarrSource if fmt == "zarr" else HDF5Source
-    return cls(store, keys, values, rows)
+    return cls(store, keys, values, rows, missing_chunks=missing_chunks)

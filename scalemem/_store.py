@@ -15,6 +15,15 @@ block read touches one or two chunks. Compression: Zarr's default (zstd level 0)
 level 1 (readable by any HDF5 installation, unlike lzf). Small arrays (labels, index arrays) are
 stored as one chunk.
 
+Integrity. Every chunk carries a checksum that is verified when it is read: Zarr arrays end
+their codec pipeline with ``crc32c`` (a CRC-32C of the compressed chunk), HDF5 datasets use the
+``fletcher32`` filter. A bit flipped on disk then fails the read (:class:`~scalemem.DataError`)
+instead of changing the data. Zarr chunks are written even when they equal the fill value
+(``write_empty_chunks``), so every chunk of a scalemem store exists and a missing one is known
+to be lost (see ``missing_chunks`` in :func:`scalemem.open_source`). The ``scalemem`` attribute
+gets an ``integrity`` record: the shape and dtype of every array and a SHA-256 of the attribute
+(:func:`scalemem._sources.meta_digest`), checked when the store is opened.
+
 Two writers of data are provided: :func:`write_fashion_mnist` (the reference protocol's rows,
 pixels stored once) and :func:`write_synthetic` (a generated data set of any size).
 """
@@ -30,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from ._errors import ConfigError, DataError
-from ._sources import META_KEY
+from ._sources import META_KEY, meta_digest
 from ._validate import check_int
 
 __all__ = ["FORMATS", "StoreWriter", "ArrayWriter", "default_chunk_rows", "write_fashion_mnist",
@@ -139,14 +148,21 @@ class StoreWriter:
         _remove(self._tmp)
         self.meta: dict[str, Any] = {}
         self._arrays: list[ArrayWriter] = []
-        if self.format == "zarr":
-            import zarr
+        self._written: dict[str, dict] = {}  # name -> shape and dtype, for the integrity record
+        try:
+            if self.format == "zarr":
+                import zarr
 
-            self._root = zarr.open_group(store=str(self._tmp), mode="w", zarr_format=3)
-        else:
-            import h5py
+                self._root = zarr.open_group(store=str(self._tmp), mode="w", zarr_format=3)
+            else:
+                import h5py
 
-            self._root = h5py.File(self._tmp, "w")
+                # format of HDF5 1.10+: checksummed metadata (superblock v3, object headers v2,
+                # chunk indexes with checksums), so a damaged index is an error, not fill values
+                self._root = h5py.File(self._tmp, "w", libver=("v110", "latest"))
+        except BaseException:
+            _remove(self._tmp)  # e.g. a full disk while creating the store
+            raise
         self._open = True
 
     def create_array(self, name: str, shape: tuple[int, int], dtype, *,
@@ -161,13 +177,14 @@ class StoreWriter:
         chunk_rows = min(check_int("chunk_rows", chunk_rows, 1), rows)
         if self.format == "zarr":
             target = self._root.create_array(name, shape=(rows, cols), dtype=dtype,
-                                             chunks=(chunk_rows, cols))
+                                             chunks=(chunk_rows, cols), **_zarr_options())
         else:
             target = self._root.create_dataset(name, shape=(rows, cols), dtype=dtype,
                                                chunks=(chunk_rows, cols), compression="gzip",
-                                               compression_opts=1)
+                                               compression_opts=1, fletcher32=True)
         w = ArrayWriter(target, name, (rows, cols), dtype, chunk_rows, str(self.path))
         self._arrays.append(w)
+        self._written[name] = {"shape": [rows, cols], "dtype": dtype.str}
         return w
 
     def write_array(self, name: str, data) -> None:
@@ -177,9 +194,12 @@ class StoreWriter:
             raise DataError(f"{self.path}: array {name!r} is empty")
         if self.format == "zarr":
             self._root.create_array(name, shape=data.shape, dtype=data.dtype,
-                                    chunks=data.shape)[...] = data
+                                    chunks=data.shape, **_zarr_options())[...] = data
+        elif data.ndim:
+            self._root.create_dataset(name, data=data, chunks=data.shape, fletcher32=True)
         else:
-            self._root.create_dataset(name, data=data)
+            self._root.create_dataset(name, data=data)  # a scalar: no chunks, no filters
+        self._written[name] = {"shape": list(data.shape), "dtype": data.dtype.str}
 
     def commit(self) -> Path:
         """Check every array is complete, write ``meta`` and rename the store into place."""
@@ -187,6 +207,8 @@ class StoreWriter:
             for a in self._arrays:
                 a._finish()
             meta = json.loads(json.dumps(self.meta))  # fails early on non-JSON values
+            meta["integrity"] = {"arrays": self._written}
+            meta["integrity"]["digest"] = meta_digest(meta)
             if self.format == "zarr":
                 self._root.attrs[META_KEY] = meta
             else:
@@ -196,12 +218,29 @@ class StoreWriter:
             self.abort()
             raise
         self._open = False
-        if self.path.exists():
+        old = None
+        if self.path.exists() or self.path.is_symlink():
             if not self.overwrite:
                 self.abort()
                 raise DataError(f"{self.path}: appeared while writing; not overwritten")
-            _remove(self.path)
-        os.replace(self._tmp, self.path)
+            # move the old store aside (a rename, no copy) rather than deleting it first: if
+            # publishing the new one fails, the old one is put back unchanged
+            old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
+            _remove(old)
+            try:
+                os.replace(self.path, old)
+            except BaseException:
+                self.abort()
+                raise
+        try:
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            if old is not None:
+                os.replace(old, self.path)
+            self.abort()
+            raise
+        if old is not None:
+            _remove(old)
         return self.path
 
     def abort(self) -> None:
@@ -222,6 +261,15 @@ class StoreWriter:
             self.commit()
         else:
             self.abort()
+
+
+def _zarr_options() -> dict:
+    """Codecs and config of every Zarr array scalemem writes: zstd (zarr's default compressor)
+    followed by a crc32c checksum of the compressed chunk, and every chunk stored."""
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    return dict(compressors=(ZstdCodec(level=0), Crc32cCodec()),
+                config={"write_empty_chunks": True})
 
 
 def _remove(p: Path) -> None:

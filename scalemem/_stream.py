@@ -32,7 +32,7 @@ import numpy as np
 
 from ._errors import DataError
 from ._source import Source
-from ._validate import check_int
+from ._validate import NUMERIC_KINDS, check_int
 
 __all__ = ["Block", "ChunkStream", "READER_THREAD_NAME"]
 
@@ -101,6 +101,11 @@ class ChunkStream:
             if getattr(a, "shape", None) != (n, dim):
                 raise DataError(f"{src.name}: read({s}, {e}) returned {what} of shape "
                                 f"{getattr(a, 'shape', None)}, expected {(n, dim)}")
+            kind = np.dtype(getattr(a, "dtype", object)).kind
+            if kind not in NUMERIC_KINDS:
+                raise DataError(f"{src.name}: read({s}, {e}) returned {what} of dtype "
+                                f"{getattr(a, 'dtype', type(a).__name__)}; expected real "
+                                "integers or floating point")
         w = np.zeros((B,), self.weight_dtype)
         w[:n] = 1
         if n < B:

@@ -39,12 +39,13 @@ import optax
 
 from . import _core
 from ._errors import ConfigError, DataError, NonFiniteDataError
-from ._fit import FitResult, StepReport, default_optimizer, fit_engine, init_keys
+from ._fit import (OVERFLOW_HINT, FitResult, StepReport, default_optimizer, fit_engine,
+                   init_keys)
 from ._model import Memory
 from ._source import Source
 from ._step import StepOut, apply_gradient, solve_and_loss
 from ._stream import ChunkStream
-from ._validate import check_int, check_number
+from ._validate import check_dtype, check_init, check_int, check_number, check_scale
 
 __all__ = ["StreamingEngine", "fit_source", "evaluate_source"]
 
@@ -106,6 +107,11 @@ def _check_source(source) -> Source:
                         f"{type(source).__name__}")
     for field in ("rows", "key_dim", "value_dim"):
         check_int(f"source.{field}", getattr(source, field), 1)
+    where = f"{getattr(source, 'name', 'source')}: "
+    check_dtype("source.key_dtype", source.key_dtype, where)
+    check_dtype("source.value_dtype", source.value_dtype, where)
+    check_scale("source.key_scale", source.key_scale)
+    check_scale("source.value_scale", source.value_scale)
     return source
 
 
@@ -235,9 +241,7 @@ def locate_nonfinite(source: Source, read_rows: int = 16384,
                     f"{source.name}: {which} row {row}{where}, column {col} of the view, in "
                     f"chunk {row // chunk_rows} holds {a[row - s, col]}; fix or drop the row",
                     source=source.name, array=array, row=row, chunk=row // chunk_rows)
-    return NonFiniteDataError(
-        f"{source.name}: statistics became non-finite although the data is finite; the logits "
-        "overflow: scale the keys down", source=source.name)
+    return NonFiniteDataError(OVERFLOW_HINT.format(source=source.name), source=source.name)
 
 
 def fit_source(source: Source, prototypes: int, *, steps: int,
@@ -263,14 +267,14 @@ def fit_source(source: Source, prototypes: int, *, steps: int,
     chunk_rows = check_int("chunk_rows", chunk_rows, 1)
     chunks_per_block = check_int("chunks_per_block", chunks_per_block, 1)
     seed = check_int("seed", seed)
+    m = int(source.key_dim)
+    if init is not None:
+        check_init("init", init, (P, m))
     if optimizer is None:
         optimizer = default_optimizer(check_number("learning_rate", learning_rate, 0.0))
     with jax.enable_x64(True):
         dt = _compute_dtype(dtype, source.key_dtype, source.value_dtype)
-        m = int(source.key_dim)
         K0 = init_keys(P, m, seed, dt) if init is None else jnp.asarray(init, dt)
-        if K0.shape != (P, m):
-            raise ConfigError("init", tuple(K0.shape), f"expected shape {(P, m)}")
         engine = StreamingEngine(source, optimizer=optimizer, ridge=ridge, chunk_rows=chunk_rows,
                                  chunks_per_block=chunks_per_block, dtype=dt, one_pass=one_pass)
         return fit_engine(engine, K0, optimizer, steps=steps, callback=callback, **loop)
