@@ -267,3 +267,15 @@ def test_logits_scaled_by_1e4_give_finite_loss_and_gradient(dtype):
     mem = scalemem.Memory(jnp.asarray(K, jnp.float32), jnp.asarray(V, jnp.float32))
     grad = jax.grad(lambda m: jnp.sum((jnp.asarray(X, jnp.float32) - m(Q)) ** 2))(mem)
     assert np.isfinite(np.asarray(grad.K)).all() and np.isfinite(np.asarray(grad.V)).all()
+
+
+def test_overflowing_logits_of_finite_data_are_reported_as_overflow():
+    """Finite keys whose float32 logits overflow (1e37 × 100): the fit stops with a
+    NonFiniteDataError that says the arithmetic overflowed, not that the data is bad."""
+    rng = np.random.default_rng(6)
+    Q = (1e37 * rng.standard_normal((64, 2))).astype(np.float32)
+    X = rng.standard_normal((64, 2)).astype(np.float32)
+    K0 = (100.0 * rng.standard_normal((3, 2))).astype(np.float32)
+    with pytest.raises(scalemem.NonFiniteDataError, match="overflow") as e:
+        scalemem.fit(Q, X, 3, steps=2, init=K0)
+    assert e.value.row is None and e.value.source == "memory"
