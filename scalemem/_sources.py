@@ -34,6 +34,14 @@ Errors: a malformed spec, a column or row outside the array, or an unknown split
 :class:`~scalemem.ConfigError` (its ``field`` is ``keys``, ``values`` or ``rows``); a missing
 store or array, an array of the wrong shape or type raise :class:`~scalemem.DataError`. Every
 message names the store and the array.
+
+Damaged stores: a file that cannot be opened or read (truncated, garbage metadata, a chunk that
+fails its checksum: stores written by :mod:`scalemem._store` checksum every chunk and record the
+shape and dtype of every array plus a SHA-256 of the ``scalemem`` attribute, checked at open)
+raises :class:`~scalemem.DataError` naming the path. A chunk that is not stored at all, which
+h5py and zarr would silently read as the fill value, is an error too unless the source is opened
+with ``missing_chunks="fill"``. HDF5 files are opened with ``locking="best-effort"``, so many
+reader processes can share one file, also on file systems without locks.
 """
 
 from __future__ import annotations
