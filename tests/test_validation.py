@@ -152,9 +152,11 @@ STORE_DATA_CASES = {
 
 @pytest.mark.parametrize("keys,values,rows", STORE_DATA_CASES)
 def test_open_source_refuses_bad_arrays(opener, keys, values, rows):
-    if keys == "text" and opener.kind == "zarr":
-        pytest.skip("no string array in the Zarr store")
     field, shown = STORE_DATA_CASES[(keys, values, rows)]
+    if keys == "text" and opener.kind == "zarr":
+        # the Zarr store holds no string array (see the fixture): what must happen then is the
+        # missing-array error, naming it
+        field, shown = None, "'text'"
     with pytest.raises(DataError) as e:
         opener(keys=keys, values=values, rows=rows)
     assert shown in str(e.value)
