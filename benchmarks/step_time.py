@@ -9,6 +9,12 @@ with the ratio scalemem / prototype (below 1 means scalemem is faster).
 
 from __future__ import annotations
 
+import os
+
+# The LAPACK calls of a step (P×P factorisations) are small: one BLAS thread beats a pool whose
+# threads spin against XLA's own. Set before NumPy/JAX load; applies to both contenders alike.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import argparse
 import json
 import statistics

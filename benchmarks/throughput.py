@@ -20,6 +20,12 @@ The matmul rate is the best of float32 products of the step's own shapes (chunkÃ
 
 from __future__ import annotations
 
+import os
+
+# The LAPACK calls of a step (PÃ—P factorisations) are small: one BLAS thread beats a pool whose
+# threads spin against XLA's own. Set before NumPy/JAX load; applies to both contenders alike.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import argparse
 import json
 import statistics

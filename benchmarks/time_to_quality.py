@@ -22,6 +22,12 @@ stops while it evaluates, so a time is training time only (compilation included)
 
 from __future__ import annotations
 
+import os
+
+# The LAPACK calls of a step (P×P factorisations) are small: one BLAS thread beats a pool whose
+# threads spin against XLA's own. Set before NumPy/JAX load; applies to both contenders alike.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import argparse
 import json
 import sys

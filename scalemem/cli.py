@@ -565,6 +565,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The LAPACK calls of a step are small P×P factorisations: one BLAS thread beats a pool whose
+    # threads spin against XLA's. SciPy's OpenBLAS, which JAX's CPU LAPACK kernels use, is loaded
+    # at the first solve, after this line; a value set by the user wins.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from ._run import RunInterrupted
 
     parser = build_parser()
