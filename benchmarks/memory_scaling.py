@@ -1,0 +1,306 @@
+#!/usr/bin/env python
+"""Out-of-core acceptance benchmark: host memory and step time of a streamed fit against rows.
+
+    python benchmarks/memory_scaling.py --workdir DIR [--sizes 1e5,1e6,1e7] [--json OUT]
+        [--prototypes 256] [--steps 3] [--ulimit-v-kib 4194304]
+
+For each size N a synthetic Zarr store of N rows (78 key columns, 784 value columns, uint8;
+``scalemem.write_synthetic``, written chunk by chunk) is made in ``--workdir`` as
+``synthetic-N.zarr``, or reused when it is already there (a store is only published once it is
+complete, so an interrupted write leaves nothing to reuse). Then a *fresh* Python process per
+size runs ``--steps`` fit steps at P = ``--prototypes`` streamed from the store (the fit loop
+``scalemem._fit.fit_engine`` with the ``StreamingEngine``, exact two-pass mode, then the final
+statistics pass, as ``fit_source`` does) and reports its own peak resident memory
+(``getrusage(RUSAGE_SELF).ru_maxrss`` and ``VmHWM``), its peak virtual size (``VmPeak``), and the
+time of every step (each step is timed up to ``block_until_ready`` of its new keys). Step 0
+compiles; seconds per step is the mean of steps 1 … steps-1 (the last two with ``--steps 3``).
+
+Acceptance (printed, and in the JSON under ``acceptance``):
+
+* memory independent of N: peak RSS at the largest size ≤ 1.2 × peak RSS at the smallest;
+* time linear in N: t(N_max) / (N_max/N · t(N)) ≤ 1.3 against every smaller size N ≥ 10⁵
+  (smaller sizes are dominated by per-step overheads and only reported).
+
+``ulimit -v`` (``--ulimit-v-kib``): each child sets ``RLIMIT_AS`` to that many KiB *before*
+importing NumPy, JAX or zarr, exactly what ``ulimit -v KIB`` does for a shell. Measured with JAX
+0.10.2 (CPU), zarr 3.1 and numcodecs 0.16 on a 2-core host, a 4 GiB limit (4194304 KiB) needs
+nothing: every size, 10⁷ rows (8.6 GB of data) included, completes with no environment variable
+or setting changed, and the peak virtual size (``VmPeak`` in the table) is 1.9-2.1 GiB whatever
+N is. Where that goes: importing JAX maps 0.4 GiB of libraries; starting XLA's CPU client brings
+the process to 1.45 GiB (its thread pool: about 26 threads in all with zarr's asyncio loop and
+codec pool and the read-ahead thread, 8 MiB of stack reserved each); most of the rest is glibc's
+malloc arenas, one per allocating thread up to 8 × cores, each reserving 64 MiB of address space
+(only what is touched becomes resident). XLA's CPU client reserves no device-memory pool (the
+GPU client's preallocation does not apply). The streaming itself adds nothing that grows with N.
+
+Tighter limits: at 10⁴ rows 2 GiB still works (``VmPeak`` 1.7 GiB; larger N peak near
+2.1 GiB, too close to rely on); at 1.5 GiB XLA aborts when it cannot create a thread
+(``Check failed: ... Thread tf_foreach creation via pthread_create() failed``, exit -6).
+``--env MALLOC_ARENA_MAX=2`` caps the arenas and brings ``VmPeak`` to about 1 GiB: with it the
+fit runs even under a 1 GiB limit. Not a remedy: ``ulimit -s 1024`` (fails or hangs) and
+``XLA_FLAGS=--xla_cpu_multi_thread_eigen=false`` (still aborts at 1.5 GiB). More cores mean
+more XLA threads and arenas, so on a large host use ``MALLOC_ARENA_MAX`` under a tight
+``ulimit -v``. The stream's own memory is ``prefetch`` host blocks (default 2 × ~16384 rows ×
+862 B ≈ 28 MB) and needs no change. ``--env NAME=VALUE`` passes environment variables to the
+children.
+
+The children run one after another; other load on the machine shows in the wall-clock step times
+(the load average before each child is recorded in the JSON), so CPU seconds per step (user +
+system time of the child) are reported too, and the linearity ratio in CPU time next to the
+acceptance ratio in wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+KEY_DIM, VALUE_DIM = 78, 784
+
+
+def _status() -> dict:
+    """VmPeak, VmHWM, VmRSS (KiB) and Threads of this process, from /proc/self/status."""
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                if k in ("VmPeak", "VmHWM", "VmRSS", "Threads"):
+                    out[k] = int(v.split()[0])
+    except OSError:
+        pass
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# child: one fit in a fresh process
+
+
+def child(a) -> dict:
+    if a.ulimit_v_kib:
+        lim = a.ulimit_v_kib * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
+    t_start = time.perf_counter()
+    import jax  # noqa: PLC0415 - imported after setrlimit on purpose
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    from scalemem._fit import default_optimizer, fit_engine, init_keys  # noqa: PLC0415
+    from scalemem._sources import open_source  # noqa: PLC0415
+    from scalemem._streaming import StreamingEngine  # noqa: PLC0415
+
+    after_import = _status()
+    source = open_source(a.store)
+    opt = default_optimizer(5e-4)
+    steps_t: list[float] = []
+    steps_cpu: list[float] = []
+    rss: list[int] = []
+
+    def cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    class Timed:
+        """The streaming engine, with each step timed to the end of its computation."""
+
+        def __init__(self, inner):
+            self.inner, self.rows, self.value_dim = inner, inner.rows, inner.value_dim
+            self.last, self.last_cpu = time.perf_counter(), cpu()
+
+        def step(self, K, opt_state):
+            out = self.inner.step(K, opt_state)
+            jax.block_until_ready(out[0])
+            now = time.perf_counter()
+            steps_t.append(now - self.last)
+            steps_cpu.append(cpu() - self.last_cpu)
+            self.last, self.last_cpu = now, cpu()
+            rss.append(_status().get("VmRSS", 0))
+            print(f"  [{source.rows} rows] step {len(steps_t) - 1}: {steps_t[-1]:.2f} s "
+                  f"(CPU {steps_cpu[-1]:.1f} s), RSS {rss[-1] / 1024:.0f} MiB", file=sys.stderr,
+                  flush=True)
+            return out
+
+        def final(self, K):
+            return self.inner.final(K)
+
+        def locate_nonfinite(self):
+            return self.inner.locate_nonfinite()
+
+    with jax.enable_x64(True):
+        K0 = init_keys(a.prototypes, source.key_dim, 0, jnp.float32)
+        engine = StreamingEngine(source, optimizer=opt, ridge=1e-6, chunk_rows=a.chunk_rows,
+                                 chunks_per_block=a.chunks_per_block, dtype=jnp.float32,
+                                 prefetch=a.prefetch)
+        timed = Timed(engine)
+        t_fit = time.perf_counter()
+        timed.last, timed.last_cpu = t_fit, cpu()
+        res = fit_engine(timed, K0, opt, steps=a.steps)
+        fit_s = time.perf_counter() - t_fit
+    st = _status()
+    timed_steps = steps_t[1:] if len(steps_t) > 1 else steps_t
+    timed_cpu = steps_cpu[1:] if len(steps_cpu) > 1 else steps_cpu
+    return {
+        "rows": int(source.rows), "store": str(a.store), "prototypes": a.prototypes,
+        "steps": a.steps, "chunk_rows": engine.chunk_rows,
+        "chunks_per_block": engine.chunks_per_block, "prefetch": a.prefetch,
+        "passes": engine.passes, "step_seconds": steps_t,
+        "seconds_per_step": sum(timed_steps) / len(timed_steps),
+        "step_cpu_seconds": steps_cpu, "cpu_seconds_per_step": sum(timed_cpu) / len(timed_cpu),
+        "fit_seconds": fit_s, "process_seconds": time.perf_counter() - t_start,
+        "loss": [float(x) for x in res.loss],
+        "ru_maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        "vm_hwm_kib": st.get("VmHWM"), "vm_peak_kib": st.get("VmPeak"),
+        "threads": st.get("Threads"), "rss_after_import_kib": after_import.get("VmRSS"),
+        "rss_after_each_step_kib": rss, "ulimit_v_kib": a.ulimit_v_kib or None,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# parent: stores, one child per size, table, acceptance
+
+
+def ensure_store(workdir: Path, rows: int) -> tuple[Path, float | None]:
+    """``workdir/synthetic-ROWS.zarr``, written if missing; (path, seconds spent writing)."""
+    from scalemem._sources import open_source  # noqa: PLC0415
+    from scalemem._store import write_synthetic  # noqa: PLC0415
+
+    path = workdir / f"synthetic-{rows}.zarr"
+    if path.exists():
+        src = open_source(path)
+        if (src.rows, src.key_dim, src.value_dim, str(src.value_dtype)) != (
+                rows, KEY_DIM, VALUE_DIM, "uint8"):
+            raise SystemExit(f"{path} exists but is not a {rows}×({KEY_DIM}+{VALUE_DIM}) uint8 "
+                             "synthetic store; remove it")
+        return path, None
+    print(f"writing {path} ...", file=sys.stderr, flush=True)
+    t = time.perf_counter()
+    write_synthetic(path, rows, key_dim=KEY_DIM, value_dim=VALUE_DIM, dtype="uint8")
+    return path, time.perf_counter() - t
+
+
+def run_child(a, store: Path, env: dict) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--store", str(store),
+           "--prototypes", str(a.prototypes), "--steps", str(a.steps),
+           "--chunk-rows", str(a.chunk_rows), "--chunks-per-block", str(a.chunks_per_block),
+           "--prefetch", str(a.prefetch), "--ulimit-v-kib", str(a.ulimit_v_kib or 0)]
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    if p.returncode != 0 or not lines:
+        return {"rows": None, "store": str(store), "failed": True, "returncode": p.returncode}
+    return json.loads(lines[-1])
+
+
+def _sizes(text: str) -> list[int]:
+    return sorted({int(float(x)) for x in text.split(",") if x.strip()})
+
+
+def acceptance(results: list[dict]) -> dict:
+    ok = [r for r in results if not r.get("failed")]
+    out: dict = {"all_runs_completed": len(ok) == len(results)}
+    if len(ok) < 2:
+        return out
+    small, big = ok[0], ok[-1]
+    ratio = big["ru_maxrss_kib"] / small["ru_maxrss_kib"]
+    out["rss"] = {"largest_rows": big["rows"], "smallest_rows": small["rows"],
+                  "ratio": ratio, "bound": 1.2, "holds": ratio <= 1.2}
+    lin = []
+    for r in ok[:-1]:
+        if r["rows"] < 100_000:
+            continue
+        f = big["seconds_per_step"] / (big["rows"] / r["rows"] * r["seconds_per_step"])
+        fc = big["cpu_seconds_per_step"] / (big["rows"] / r["rows"] * r["cpu_seconds_per_step"])
+        lin.append({"against_rows": r["rows"], "ratio": f, "bound": 1.3, "holds": f <= 1.3,
+                    "cpu_time_ratio": fc})
+    out["time_linearity"] = lin
+    if a_ulimit := big.get("ulimit_v_kib"):
+        out["ulimit_v"] = {"kib": a_ulimit, "rows": big["rows"], "completed": True}
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", type=Path, help="folder for the synthetic stores (reused)")
+    ap.add_argument("--sizes", default="1e5,1e6,1e7", help="comma-separated row counts")
+    ap.add_argument("--prototypes", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=3, help="fit steps (step 0 compiles; default 3)")
+    ap.add_argument("--chunk-rows", type=int, default=4096)
+    ap.add_argument("--chunks-per-block", type=int, default=4)
+    ap.add_argument("--prefetch", type=int, default=2, help="read-ahead blocks of the stream")
+    ap.add_argument("--ulimit-v-kib", type=int, default=0,
+                    help="RLIMIT_AS of each fit process, in KiB (as ulimit -v); 0: unlimited")
+    ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                    help="environment variable for the fit processes (repeatable)")
+    ap.add_argument("--json", type=Path, default=None, help="write the results here")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--store", type=Path, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.child:
+        print(json.dumps(child(a)), flush=True)
+        return 0
+    if a.workdir is None:
+        ap.error("--workdir is required")
+    a.workdir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    for kv in a.env:
+        k, _, v = kv.partition("=")
+        env[k] = v
+    results, write_s = [], {}
+    for n in _sizes(a.sizes):
+        store, ws = ensure_store(a.workdir, n)
+        if ws is not None:
+            write_s[n] = ws
+        load = os.getloadavg()[0]
+        print(f"fit: {n} rows, P={a.prototypes}, {a.steps} steps"
+              + (f", ulimit -v {a.ulimit_v_kib}" if a.ulimit_v_kib else "") + " ...",
+              file=sys.stderr, flush=True)
+        r = run_child(a, store, env)
+        r["rows"] = n
+        r["loadavg_before"] = load
+        results.append(r)
+    acc = acceptance(results)
+
+    print(f"\n{'rows':>10} {'peak RSS MiB':>12} {'VmHWM MiB':>10} {'VmPeak MiB':>10} "
+          f"{'s/step':>9} {'CPU s/step':>10} {'rows/s':>10} {'MB/s':>7}")
+    for r in results:
+        if r.get("failed"):
+            print(f"{r['rows']:>10} FAILED (exit {r['returncode']})")
+            continue
+        mbs = 2 * r["rows"] * (KEY_DIM + VALUE_DIM) / r["seconds_per_step"] / 1e6
+        print(f"{r['rows']:>10} {r['ru_maxrss_kib'] / 1024:>12.0f} {r['vm_hwm_kib'] / 1024:>10.0f} "
+              f"{r['vm_peak_kib'] / 1024:>10.0f} {r['seconds_per_step']:>9.2f} "
+              f"{r['cpu_seconds_per_step']:>10.2f} "
+              f"{r['rows'] / r['seconds_per_step']:>10.0f} {mbs:>7.1f}")
+    if "rss" in acc:
+        x = acc["rss"]
+        print(f"\npeak RSS {x['largest_rows']} / {x['smallest_rows']} rows: {x['ratio']:.3f} "
+              f"(bound ≤ 1.2: {'holds' if x['holds'] else 'FAILS'})")
+    for x in acc.get("time_linearity", []):
+        print(f"time per step vs linear from {x['against_rows']} rows: {x['ratio']:.3f} "
+              f"(bound ≤ 1.3: {'holds' if x['holds'] else 'FAILS'}; CPU time: "
+              f"{x['cpu_time_ratio']:.3f})")
+    if a.ulimit_v_kib:
+        print(f"ulimit -v {a.ulimit_v_kib} KiB: "
+              f"{'every fit completed' if acc['all_runs_completed'] else 'a fit FAILED'}")
+    if a.json:
+        import jax  # noqa: PLC0415
+        import zarr  # noqa: PLC0415
+
+        a.json.write_text(json.dumps({
+            "results": results, "acceptance": acc, "store_write_seconds": write_s,
+            "settings": {k: (str(v) if isinstance(v, Path) else v)
+                         for k, v in vars(a).items() if k not in ("child", "store")},
+            "host": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                     "jax": jax.__version__, "zarr": zarr.__version__,
+                     "machine": platform.machine()}}, indent=2))
+    return 0 if acc["all_runs_completed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
