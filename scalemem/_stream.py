@@ -48,7 +48,7 @@ __all__ = ["Block", "ChunkStream", "READER_THREAD_NAME"]
 
 READER_THREAD_NAME = "scalemem-reader"
 _POLL_S = 0.05  # how often a blocked reader checks whether the consumer has gone away
-_TRIM_BYTES = 256 << 20  # block bytes read between two returns of free heap pages to the OS
+_TRIM_BYTES = 64 << 20  # block bytes read between two returns of free heap pages to the OS
 
 
 def _find_malloc_trim():
@@ -74,13 +74,15 @@ def release_free_heap() -> None:
     Why: a pass allocates and frees a few buffers of one block or one stored chunk (~13 MiB)
     per block, in several threads (the reader, zarr's decoding pool, XLA's workers). glibc
     serves them from per-thread arenas once its adaptive mmap threshold has risen past their
-    size, and keeps what is freed there: measured on a 2-core host, the resident size of a
-    streamed fit grew by 30-60 MiB per pass of 10⁶ rows, without levelling off, while the
-    memory in use stayed near 100 MiB. Trimming every ``_TRIM_BYTES`` of data read (and at the
-    end of a pass) keeps it flat whatever the number of rows (a 10⁷-row fit peaked within 10 % of
-    a 10⁵-row one); its cost, faulting the freed pages in again when they are reused,
-    was below the run-to-run noise of the stream's throughput. Forcing large buffers onto mmap
-    instead (``M_MMAP_THRESHOLD``) also flattens it but made a pass 4-7× slower there.
+    size, and keeps what is freed there. Measured on a 2-core host, the resident size grew by
+    30-60 MiB with every statistics pass over 10⁶ rows (six passes: from 640 to 820 MiB after
+    the pass, peaks from 680 to 960 MiB) while the memory in use stayed near 100 MiB. Trimming
+    every ``_TRIM_BYTES`` of data read and at the end of a pass keeps it flat (the same passes
+    peaked at 680 MiB; a 3-step fit peaked at 571 MiB at 10⁵ rows and 609 MiB at 10⁷ rows,
+    against 764 and 734 MiB with the code before it); its cost, faulting the freed pages in again
+    when they are reused, was below the run-to-run noise of the stream's throughput. Forcing
+    large buffers onto mmap instead (``M_MMAP_THRESHOLD``) also flattens it but made a pass
+    4-7× slower there.
     """
     if _malloc_trim is not None:
         _malloc_trim(0)
