@@ -29,6 +29,7 @@ import optax
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import prototype  # noqa: E402
 
+from scalemem._core import default_chunk_rows  # noqa: E402
 from scalemem._fit import InMemoryEngine, init_keys  # noqa: E402
 from scalemem.datasets import fashion_mnist  # noqa: E402
 
@@ -47,7 +48,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--data-dir", required=True, type=Path)
     ap.add_argument("--prototypes", type=int, default=256)
     ap.add_argument("--rows", default="fit10k", help="fit10k or fit60k")
-    ap.add_argument("--chunk-rows", type=int, default=4096)
+    ap.add_argument("--chunk-rows", type=int, default=None,
+                    help="rows per chunk (default: scalemem's default for P)")
     ap.add_argument("--steps", type=int, default=10, help="steps per round")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json", type=Path, default=None)
@@ -70,7 +72,8 @@ def main(argv=None) -> dict:
     # scalemem
     with jax.enable_x64(True):
         sopt = optax.adam(5e-4)
-        eng = InMemoryEngine(Qf, Xf, optimizer=sopt, ridge=1e-6, chunk_rows=a.chunk_rows,
+        chunk = a.chunk_rows or default_chunk_rows(P)
+        eng = InMemoryEngine(Qf, Xf, optimizer=sopt, ridge=1e-6, chunk_rows=chunk,
                              dtype=jnp.float32)
         K0 = init_keys(P, Qf.shape[1])
         state["s"] = (K0, sopt.init(K0))
@@ -87,7 +90,7 @@ def main(argv=None) -> dict:
         for _ in range(a.rounds):
             proto.append(time_steps(proto_step, a.steps))
             sm.append(time_steps(sm_step, a.steps))
-    res = {"prototypes": P, "rows": len(Qf), "chunk_rows": a.chunk_rows,
+    res = {"prototypes": P, "rows": len(Qf), "chunk_rows": eng.chunk_rows,
            "device": str(jax.devices()[0].device_kind),
            "prototype_s_per_step": statistics.median(proto),
            "scalemem_s_per_step": statistics.median(sm)}

@@ -32,7 +32,8 @@ from jax.scipy.linalg import cho_solve
 __all__ = [
     "Stats", "SolveInfo", "softmax_weights", "zero_stats", "merge", "chunk_stats", "scan_stats",
     "chunk_grad", "scan_grad", "solve_ridge", "loss_from_stats", "to_blocks", "value_moments",
-    "scan_moments", "balanced_chunk", "grad_operands",
+    "scan_moments", "balanced_chunk", "grad_operands", "centre_values",
+    "default_chunk_rows",
 ]
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -116,8 +117,27 @@ def value_moments(X, w=None, *, value_scale=None, dtype=jnp.float32):
     return jnp.sum(Xw, axis=0, dtype=F64), jnp.sum(Xw.astype(F64) * X.astype(F64))
 
 
+def _chunk_mean(xsum, W, dtype):
+    """Column means ``Σ w x / Σ w`` rounded to ``dtype`` (0 for an empty chunk): the shift that
+    :func:`chunk_stats` and :func:`chunk_grad` centre a chunk's values by."""
+    return jnp.where(W > 0, xsum / jnp.where(W > 0, W, 1.0), 0.0).astype(dtype)
+
+
+def centre_values(X, w=None, *, value_scale=None, dtype=jnp.float32):
+    """``(Y, moments, μ)`` of one chunk: ``Y = X − 1μᵀ`` in ``dtype`` with ``μ`` its (``w``-
+    weighted) column means, and ``moments`` = :func:`value_moments`. None of it depends on ``K``: an engine
+    that revisits the same chunks every step prepares them once and passes
+    ``chunk_stats(..., moments=moments, centred=True)`` and ``chunk_grad(..., centre=μ)``,
+    which then touch the values only inside the two big products (no elementwise pass over
+    the values per step). ``Y`` equals what those functions compute from ``X`` themselves."""
+    moments = value_moments(X, w, value_scale=value_scale, dtype=dtype)
+    W = jnp.asarray(X.shape[0], F64) if w is None else jnp.sum(w.astype(dtype), dtype=F64)
+    mu = _chunk_mean(moments[0], W, dtype)
+    return _values(X, dtype, value_scale) - mu, moments, mu
+
+
 def chunk_stats(K, Q, X, w=None, *, key_scale=None, value_scale=None, precision=HIGHEST,
-                moments=None) -> Stats:
+                moments=None, centred: bool = False) -> Stats:
     """Statistics of one chunk. ``Q`` and ``X`` may be integer arrays, converted (and multiplied
     by ``key_scale``/``value_scale``) on the fly in ``K``'s dtype. Products run in ``K.dtype`` at
     ``precision`` (HIGHEST by default, so GPUs do not silently drop to TF32); sums are returned in
@@ -142,12 +162,18 @@ def chunk_stats(K, Q, X, w=None, *, key_scale=None, value_scale=None, precision=
     that a common offset of the values (``V ≈ 1μᵀ``) multiplies in the loss and the solve. With
     them, float32 values of mean 1e3 and spread 1 keep the loss to ~1e-9 relative; without them
     it was off by 17% (``tests/test_numerics.py``).
+
+    ``centred=True`` says ``X`` is already ``Y`` from :func:`centre_values` (with the same
+    ``w``); its ``moments`` must then be given.
     """
     _check_x64()
+    if centred and moments is None:
+        raise ValueError("chunk_stats(centred=True) takes the values from centre_values: pass "
+                         "their moments too")
     dt = K.dtype
     P = K.shape[0]
     Q = _values(Q, dt, key_scale)
-    X = _values(X, dt, value_scale)
+    X = X if centred else _values(X, dt, value_scale)
     A = softmax_weights(K, Q, precision)
     c = jnp.asarray(1.0 / P, dt)
     c64 = c.astype(F64)
@@ -165,12 +191,12 @@ def chunk_stats(K, Q, X, w=None, *, key_scale=None, value_scale=None, precision=
     s = jnp.sum(Aw, axis=0, dtype=F64) - W * c64
     s = s - jnp.mean(s) + W * e / P
     xsum, xx = value_moments(X, w, dtype=dt) if moments is None else moments
-    mu = jnp.where(W > 0, xsum / jnp.where(W > 0, W, 1.0), 0.0).astype(dt)  # column means
+    mu = _chunk_mean(xsum, W, dt)
     ones = jnp.ones((P,), F64)
     G = (W * c64 * c64) * jnp.outer(ones, ones) + c64 * (jnp.outer(ones, s) + jnp.outer(s, ones))
     G = G + _with_row_sums(_tdot(Dw, D, precision).astype(F64), e * s)
     mu64 = mu.astype(F64)
-    DY = _tdot(Dw, X - mu, precision).astype(F64)
+    DY = _tdot(Dw, X if centred else X - mu, precision).astype(F64)
     DY = DY - jnp.mean(DY, axis=0) + (e / P) * (xsum - W * mu64)  # 1ᵀDᵀWY = e Σ w (x − μ)
     B = c64 * jnp.outer(ones, xsum) + jnp.outer(s, mu64) + DY
     return Stats(G, B, xx, W)
@@ -195,18 +221,21 @@ def scan_moments(Xb, wb, *, value_scale=None, dtype=jnp.float32):
 
 
 def scan_stats(K, Qb, Xb, wb, *, key_scale=None, value_scale=None, precision=HIGHEST,
-               moments=None, init: Stats | None = None) -> Stats:
+               moments=None, init: Stats | None = None, centred: bool = False) -> Stats:
     """Statistics over a block of chunks ``Qb`` (b×c×m), ``Xb`` (b×c×n), ``wb`` (b×c) with
     ``lax.scan``: one chunk's intermediates live at a time, sums carried in float64.
     ``moments`` is :func:`scan_moments` of the block, if already known; ``init`` continues the
-    sums of earlier blocks (so streamed blocks add up in the same order as one scan)."""
+    sums of earlier blocks (so streamed blocks add up in the same order as one scan).
+    ``centred=True``: ``Xb`` holds :func:`centre_values` of each chunk and ``moments`` their
+    moments (``wb`` may be None: no padding rows)."""
     if init is None:
         init = zero_stats(K.shape[0], Xb.shape[-1])
 
     def body(acc, chunk):
         q, x, w, mom = chunk
         return merge(acc, chunk_stats(K, q, x, w, key_scale=key_scale, value_scale=value_scale,
-                                      precision=precision, moments=mom)), None
+                                      precision=precision, moments=mom,
+                                      centred=centred)), None
 
     if moments is None:
         moments = scan_moments(Xb, wb, value_scale=value_scale, dtype=K.dtype)
@@ -215,7 +244,7 @@ def scan_stats(K, Qb, Xb, wb, *, key_scale=None, value_scale=None, precision=HIG
 
 
 def chunk_grad(K, V, VVt, Q, X, w=None, *, key_scale=None, value_scale=None,
-               precision=HIGHEST, shift=None) -> jax.Array:
+               precision=HIGHEST, shift=None, centre=None) -> jax.Array:
     """∂/∂K of ½‖X − softmax(Q Kᵀ) V‖² (rows weighted by ``w``) at fixed ``V``; float64 result.
     ``VVt`` is ``V Vᵀ`` (P×P), computed once per step by the caller. ``precision`` is HIGHEST by
     default (full float32 on GPUs); ``"high"``/``"default"`` opt into TF32/bf16 passes there.
@@ -225,16 +254,26 @@ def chunk_grad(K, V, VVt, Q, X, w=None, *, key_scale=None, value_scale=None,
     are shifted by ``ν`` too, which gives the gradient at ``V₀`` (softmax rows sum to 1, so
     ``A V₀ − X = A(V₀ − 1νᵀ) − (X − 1νᵀ)``, and the softmax backward drops the remaining
     row-constant term). :func:`scan_grad` centres ``V`` this way, so the products round
-    relative to the spread of the values, not to their offset."""
+    relative to the spread of the values, not to their offset.
+
+    ``centre`` (an n-vector ``μ``, optional) says ``X`` was passed already centred, as
+    ``Y = X − 1μᵀ`` from :func:`centre_values`: then ``(X − 1νᵀ)Vᵀ = YVᵀ + 1(V(μ − ν))ᵀ``, a
+    rank-one term computed in float64, and no elementwise pass over the values is needed."""
     dt = K.dtype
     Q = _values(Q, dt, key_scale)
-    X = _values(X, dt, value_scale)
-    if shift is not None:
-        X = X - jnp.asarray(shift).astype(dt)
     V = V.astype(dt)
+    if centre is None:
+        X = _values(X, dt, value_scale)
+        if shift is not None:
+            X = X - jnp.asarray(shift).astype(dt)
+        XV = jnp.matmul(X, V.T, precision=precision)
+    else:
+        off = jnp.asarray(centre).astype(F64)
+        if shift is not None:
+            off = off - jnp.asarray(shift).astype(F64)
+        XV = jnp.matmul(X, V.T, precision=precision) + (V.astype(F64) @ off).astype(dt)
     A = softmax_weights(K, Q, precision)
-    R = jnp.matmul(A, VVt.astype(dt), precision=precision) - jnp.matmul(
-        X, V.T, precision=precision)
+    R = jnp.matmul(A, VVt.astype(dt), precision=precision) - XV
     if w is not None:
         R = R * w[:, None].astype(dt)
     dS = A * (R - jnp.sum(A * R, axis=1, keepdims=True))
@@ -252,20 +291,22 @@ def grad_operands(V, dtype, precision=HIGHEST):
 
 
 def scan_grad(K, V, Qb, Xb, wb, *, key_scale=None, value_scale=None, precision=HIGHEST,
-              init=None) -> jax.Array:
+              init=None, centres=None) -> jax.Array:
     """:func:`chunk_grad` summed over a block of chunks with ``lax.scan`` (float64 carry);
     ``init`` continues the sum of earlier blocks. ``V`` is centred on its mean row (``shift``
-    of :func:`chunk_grad`), so offset values keep their precision."""
+    of :func:`chunk_grad`), so offset values keep their precision. ``centres`` (b×n): ``Xb``
+    holds :func:`centre_values` of each chunk with these means (``wb`` may be None)."""
     _check_x64()
     Vd, VVt, nu = grad_operands(V, K.dtype, precision)
 
     def body(acc, chunk):
-        q, x, w = chunk
+        q, x, w, mu = chunk
         return acc + chunk_grad(K, Vd, VVt, q, x, w, key_scale=key_scale,
-                                value_scale=value_scale, precision=precision, shift=nu), None
+                                value_scale=value_scale, precision=precision, shift=nu,
+                                centre=mu), None
 
     init = jnp.zeros(K.shape, F64) if init is None else init
-    out, _ = jax.lax.scan(body, init, (Qb, Xb, wb))
+    out, _ = jax.lax.scan(body, init, (Qb, Xb, wb, centres))
     return out
 
 
@@ -367,6 +408,15 @@ def loss_from_stats(stats: Stats, V) -> jax.Array:
     V = V.astype(F64)
     val = 0.5 * (stats.xx - 2.0 * jnp.vdot(V, stats.B) + jnp.vdot(V, stats.G @ V))
     return jnp.maximum(val, 0.0)
+
+
+def default_chunk_rows(prototypes: int) -> int:
+    """Rows per chunk when the caller does not say: a power of two with a chunk's c×P float32
+    intermediates at about 16 MiB (``2²² / P`` rows), between 1024 and 16384 rows. Bigger chunks
+    cost fewer passes of per-chunk bookkeeping (each chunk of a scan is sliced out of the
+    resident block, a copy); the cap keeps a chunk's working set well inside any device."""
+    c = 1 << max(0, (2**22 // max(int(prototypes), 1)).bit_length() - 1)
+    return int(min(16384, max(1024, c)))
 
 
 def balanced_chunk(rows: int, chunk_rows: int, multiple: int = 8) -> int:

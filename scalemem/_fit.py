@@ -68,29 +68,45 @@ class Engine(Protocol):
 
 
 class InMemoryEngine:
-    """All rows resident on one device as (blocks × chunk × ·) arrays; each pass is one
-    ``lax.scan`` over the chunks inside a single jitted step."""
+    """All rows resident on one device; each pass is one ``lax.scan`` over equal chunks (plus
+    one shorter chunk for the remaining rows) inside a single jitted step.
+
+    Everything about the values that does not depend on ``K`` is prepared once: each chunk is
+    stored centred on its column means (:func:`scalemem._core.centre_values`) with its moments,
+    so a step touches the values only inside the two big products. No row is padded, so no row
+    weights are multiplied in either."""
 
     def __init__(self, Q, X, *, optimizer, ridge: float, chunk_rows: int, dtype, key_scale=None, value_scale=None):
         self.rows = check_pair(Q, X)
         self.value_dim = int(X.shape[1])
         self._Q, self._X = Q, X
-        c = _core.balanced_chunk(self.rows, chunk_rows)
+        c = min(_core.balanced_chunk(self.rows, chunk_rows), self.rows)
         self.chunk_rows = c
-        Qb, Xb, wb = _core.to_blocks(np.asarray(Q), np.asarray(X), c,
-                                     np.ones((self.rows,), np.dtype(dtype)))
-        Qb, Xb, wb = (jax.device_put(a) for a in (Qb, Xb, wb))
-        # Σx and Σ‖x‖² per chunk do not depend on K: computed once, not every step
-        moments = jax.jit(_core.scan_moments, static_argnames=("value_scale", "dtype"))(
-            Xb, wb, value_scale=value_scale, dtype=dtype)
-        self._data = (Qb, Xb, wb, moments)
-        kw = dict(key_scale=key_scale, value_scale=value_scale)
+        nb, r = divmod(self.rows, c)
+        Qh, Xh = np.asarray(Q), np.asarray(X)
+        prepare = jax.jit(lambda x: _core.centre_values(x, value_scale=value_scale, dtype=dtype))
+        full = (jax.device_put(Qh[:nb * c].reshape(nb, c, -1)),
+                *jax.jit(jax.vmap(prepare))(Xh[:nb * c].reshape(nb, c, -1)))
+        rest = (jax.device_put(Qh[nb * c:]), *prepare(Xh[nb * c:])) if r else None
+        self._data = (full, rest)
+        kw = dict(key_scale=key_scale)
 
-        def stats_fn(K, Qb, Xb, wb, moments):
-            return _core.scan_stats(K, Qb, Xb, wb, moments=moments, **kw)
+        def stats_fn(K, full, rest):
+            Qb, Yb, mom, _ = full
+            stats = _core.scan_stats(K, Qb, Yb, None, moments=mom, centred=True, **kw)
+            if rest is not None:
+                q, y, m, _ = rest
+                stats = _core.merge(stats, _core.chunk_stats(K, q, y, moments=m, centred=True,
+                                                             **kw))
+            return stats
 
-        def grad_fn(K, V, Qb, Xb, wb, moments):
-            return _core.scan_grad(K, V, Qb, Xb, wb, **kw)
+        def grad_fn(K, V, full, rest):
+            Qb, Yb, _, mu = full
+            g = _core.scan_grad(K, V, Qb, Yb, None, centres=mu, **kw)
+            if rest is not None:
+                q, y, _, m = rest
+                g = _core.scan_grad(K, V, q[None], y[None], None, centres=m[None], init=g, **kw)
+            return g
 
         self._step, self._final = make_fused_step(optimizer, ridge, stats_fn, grad_fn)
 
@@ -255,8 +271,8 @@ def _data_init(engine, Qs, P, init, seed, bias, dt):
 
 
 def fit(Q, X, prototypes: int, *, steps: int = 1000, optimizer: optax.GradientTransformation
-        | None = None, learning_rate: float = 5e-4, ridge: float = 1e-6, chunk_rows: int = 4096,
-        seed: int = 0, init="normal", dtype=None, key_scale: float | None = None,
+        | None = None, learning_rate: float = 5e-4, ridge: float = 1e-6,
+        chunk_rows: int | None = None, seed: int = 0, init="normal", dtype=None, key_scale: float | None = None,
         value_scale: float | None = None, key_bias: bool = False,
         callback: Callable[[StepReport], Any] | None = None, **loop) -> FitResult:
     """Fit a memory of ``prototypes`` prototypes to keys ``Q`` (N×m) and values ``X`` (N×n).
@@ -265,7 +281,8 @@ def fit(Q, X, prototypes: int, *, steps: int = 1000, optimizer: optax.GradientTr
     and moves ``K`` with ``optimizer`` (default ``optax.adam(learning_rate)``) along the
     variable-projection gradient. The compute dtype is float64 when the inputs are float64,
     else float32 (override with ``dtype``). ``key_scale``/``value_scale`` multiply ``Q``/``X`` on
-    the device (e.g. 1/255 for uint8 pixels).
+    the device (e.g. 1/255 for uint8 pixels). ``chunk_rows``: rows per scanned chunk (memory
+    per chunk ∝ rows·max(P, n)); by default :func:`scalemem._core.default_chunk_rows`.
 
     ``init``: ``"normal"`` (the seed's ``0.01·normal(PRNGKey(seed))``), ``"kmeans"`` (k-means++
     centres of the keys at the logit scale with the lowest exact loss), ``"sample"`` (random rows
@@ -280,7 +297,8 @@ def fit(Q, X, prototypes: int, *, steps: int = 1000, optimizer: optax.GradientTr
     P = check_int("prototypes", prototypes, 1, N)
     steps = check_int("steps", steps, 0)
     ridge = check_number("ridge", ridge, 0.0)
-    chunk_rows = check_int("chunk_rows", chunk_rows, 1)
+    chunk_rows = (_core.default_chunk_rows(P) if chunk_rows is None
+                  else check_int("chunk_rows", chunk_rows, 1))
     seed = check_int("seed", seed)
     key_scale = check_scale("key_scale", key_scale)
     value_scale = check_scale("value_scale", value_scale)

@@ -236,23 +236,26 @@ class ShardedEngine:
                                              ((nb, c, self.value_dim), Xh.dtype),
                                              ((nb, c), self.dtype))))
         ax = _axis(self.mesh)
-        kw = dict(key_scale=key_scale, value_scale=value_scale)
         prec = self.precision
-        has_moments = hasattr(_core, "scan_moments")
-        if has_moments:  # Σx, Σ‖x‖² per chunk do not depend on K: computed once
-            mom = _smap(self.mesh, lambda Xb, wb: _core.scan_moments(
-                Xb, wb, value_scale=value_scale, dtype=self.dtype), (P(ax), P(ax)),
-                (P(ax), P(ax)))
-            self._data = self._data + (jax.jit(mom)(self._data[1], self._data[2]),)
+        # the values centred per chunk, with their moments: computed once (K-independent), so
+        # a step touches them only inside the two big products (as the one-device engine)
+        prep = _smap(self.mesh, lambda Xb, wb: jax.vmap(lambda x, w: _core.centre_values(
+            x, w, value_scale=value_scale, dtype=self.dtype))(Xb, wb), (P(ax), P(ax)),
+            (P(ax), P(ax), P(ax)))
+        Qb, Xb, wb = self._data
+        Yb, mom, mu = jax.jit(prep)(Xb, wb)
+        self._data = (Qb, Yb, wb, mom, mu)
+        del Xb
 
-        def stats_local(K, Qb, Xb, wb, *moments):
-            extra = dict(moments=moments[0]) if moments else {}
-            return jax.lax.psum(_core.scan_stats(K, Qb, Xb, wb, **extra, **kw), ax)
+        def stats_local(K, Qb, Yb, wb, mom, mu):
+            return jax.lax.psum(_core.scan_stats(K, Qb, Yb, wb, moments=mom, centred=True,
+                                                 key_scale=key_scale), ax)
 
-        def grad_local(K, V, Qb, Xb, wb, *moments):
-            return jax.lax.psum(_core.scan_grad(K, V, Qb, Xb, wb, precision=prec, **kw), ax)
+        def grad_local(K, V, Qb, Yb, wb, mom, mu):
+            return jax.lax.psum(_core.scan_grad(K, V, Qb, Yb, wb, precision=prec, centres=mu,
+                                                key_scale=key_scale), ax)
 
-        data_specs = (P(ax),) * (4 if has_moments else 3)
+        data_specs = (P(ax),) * 5
         self._stats_fn = _smap(self.mesh, stats_local, (P(),) + data_specs, P())
         grad_fn = _smap(self.mesh, grad_local, (P(), P()) + data_specs, P())
         self._step, self._final = make_fused_step(optimizer, ridge, self._stats_fn, grad_fn)
@@ -568,7 +571,8 @@ def _common_checks(prototypes, rows, steps, ridge, chunk_rows, seed, optimizer, 
     P_ = check_int("prototypes", prototypes, 1, rows)
     steps = check_int("steps", steps, 0)
     ridge = check_number("ridge", ridge, 0.0)
-    chunk_rows = check_int("chunk_rows", chunk_rows, 1)
+    chunk_rows = (_core.default_chunk_rows(P_) if chunk_rows is None
+                  else check_int("chunk_rows", chunk_rows, 1))
     seed = check_int("seed", seed)
     if matmul_precision not in MATMUL_PRECISIONS:
         raise ConfigError("matmul_precision", matmul_precision,
@@ -619,8 +623,8 @@ class _Replicating:
 
 def fit_sharded(Q, X, prototypes: int, *, mesh: Mesh | None = None, devices=None,
                 steps: int = 1000, optimizer: optax.GradientTransformation | None = None,
-                learning_rate: float = 5e-4, ridge: float = 1e-6, chunk_rows: int = 4096,
-                seed: int = 0, init="normal", dtype=None, key_scale: float | None = None,
+                learning_rate: float = 5e-4, ridge: float = 1e-6,
+                chunk_rows: int | None = None, seed: int = 0, init="normal", dtype=None, key_scale: float | None = None,
                 value_scale: float | None = None, key_bias: bool = False,
                 callback: Callable[[StepReport], Any] | None = None,
                 matmul_precision: str = "highest", **loop) -> FitResult:

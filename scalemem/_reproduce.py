@@ -29,7 +29,7 @@ def test_rmse(memory, Q, X, chunk_rows: int = 8192) -> float:
 
 def reproduce(Q_fit, X_fit, Q_test, X_test, prototypes: Sequence[int] = DEFAULT_PROTOTYPES, *,
               steps: int = 1000, learning_rate: float = 5e-4, ridge: float = 1e-6,
-              chunk_rows: int = 4096, seed: int = 0,
+              chunk_rows: int | None = None, seed: int = 0,
               on_row: Callable[[dict], None] | None = None, **fit_kwargs) -> list[dict]:
     """Fit one memory per P with the seed's settings; one row per P with the test RMSE, the
     training RMSE, the wall time and the loss history."""

@@ -159,10 +159,9 @@ def test_sharded_matches_one_device(parallel_run, devices):
     assert r["K_moved"] > 1e-2
     # the losses are sums over all rows, so a dropped or duplicated row would show at ~3e-4
     assert r["loss"] <= 1e-9, r
-    if devices == 1:
-        # one device, same chunks, same program up to the shard_map wrapper: bitwise (0) in
-        # practice; 1e-12 tolerates a compiler's different fusion
-        assert r["K"] <= 1e-12 and r["stats"] <= 1e-12, r
+    # (One device is not bitwise equal to scalemem.fit: the one-device engine scans a shorter
+    # last chunk where the sharded one pads it with weight-0 rows, so the last chunk's float32
+    # products round in a different order; the bounds above apply to it as to any layout.)
 
 
 def test_sharded_streaming_matches_one_device(parallel_run):

@@ -182,10 +182,21 @@ def test_uint8_views_scaled_on_device_equal_in_memory_fit(tmp_path):
     ref = scalemem.fit(px[:1000, cols], px[:1000], 6, key_scale=1 / 255, value_scale=1 / 255, **kw)
     res = fit_source(src, 6, chunks_per_block=3, **kw)
     assert res.memory.K.dtype == np.float32
-    # float32 compute, same chunks and summation order: bitwise equal on one device; 1e-5 is
-    # ~100 float32 ulps, room for the compiler fusing the two programs differently.
-    np.testing.assert_allclose(res.memory.K, ref.memory.K, rtol=1e-5)
-    np.testing.assert_allclose(res.loss, ref.loss, rtol=1e-5)
+    # the float64 fit from the same K0 is the yardstick of float32 rounding
+    K0 = np.asarray(scalemem._fit.init_keys(6, 4))
+    r64 = scalemem.fit(px[:1000, cols] / 255.0, px[:1000] / 255.0, 6, init=K0.astype(np.float64),
+                       **kw)
+    scale = np.max(np.abs(r64.memory.K))
+    err32 = max(np.max(np.abs(K - r64.memory.K)) for K in (res.memory.K, ref.memory.K)) / scale
+    # The two float32 engines round differently (the in-memory one keeps its values centred and
+    # scans a shorter last chunk; the stream centres each chunk as it arrives and pads the last
+    # with weight-0 rows), so they agree to float32 rounding, not bitwise: their difference is
+    # at most twice what either is from float64 (measured: 4e-5 apart, each 5e-5 from float64),
+    # and that envelope itself is float32-sized (< 1e-3 after 10 steps at lr 1e-2).
+    assert err32 < 1e-3, err32
+    assert np.max(np.abs(res.memory.K - ref.memory.K)) / scale <= 2 * err32
+    # the losses are sums over all 1000 rows: a dropped or repeated row would move them ~1e-3
+    np.testing.assert_allclose(res.loss, ref.loss, rtol=1e-6)
 
 
 def test_one_pass_reads_once_per_step_and_converges():
