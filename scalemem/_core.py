@@ -31,7 +31,7 @@ from jax.scipy.linalg import cho_solve
 
 __all__ = [
     "Stats", "SolveInfo", "softmax_weights", "zero_stats", "merge", "chunk_stats", "scan_stats",
-    "chunk_grad", "scan_grad", "solve_ridge", "loss_from_stats", "to_blocks", "value_moments",
+    "chunk_grad", "scan_grad", "solve_ridge", "solve_ridge_and_loss", "loss_from_stats", "to_blocks", "value_moments",
     "scan_moments", "balanced_chunk", "grad_operands", "centre_values",
     "default_chunk_rows",
 ]
@@ -311,9 +311,10 @@ def scan_grad(K, V, Qb, Xb, wb, *, key_scale=None, value_scale=None, precision=H
 
 
 def _backward_error(M, V, B):
+    """``(‖MV − B‖ / (‖M‖‖V‖ + ‖B‖), ⟨V, MV − B⟩)``: the second gives the loss for free."""
     r = M @ V - B
     den = jnp.linalg.norm(M) * jnp.linalg.norm(V) + jnp.linalg.norm(B)
-    return jnp.linalg.norm(r) / jnp.maximum(den, jnp.finfo(F64).tiny)
+    return jnp.linalg.norm(r) / jnp.maximum(den, jnp.finfo(F64).tiny), jnp.vdot(V, r)
 
 
 def _condition(M, L, iters: int = 10):
@@ -347,6 +348,14 @@ def _condition(M, L, iters: int = 10):
 
 
 def solve_ridge(stats: Stats, ridge, *, max_attempts: int = 12, tol: float = 1e-10):
+    """``V = (G + λI)⁻¹ B`` in float64 by Cholesky, checked and never NaN for finite input;
+    returns ``(V, SolveInfo)``. See :func:`solve_ridge_and_loss` (which also returns the loss)
+    for the method."""
+    V, _, info = solve_ridge_and_loss(stats, ridge, max_attempts=max_attempts, tol=tol)
+    return V, info
+
+
+def solve_ridge_and_loss(stats: Stats, ridge, *, max_attempts: int = 12, tol: float = 1e-10):
     """``V = (G + λI)⁻¹ B`` in float64 by Cholesky, checked and never NaN for finite input.
 
     1. Factorise ``G + λI``; accept when the result is finite and its normwise backward error
@@ -358,8 +367,10 @@ def solve_ridge(stats: Stats, ridge, *, max_attempts: int = 12, tol: float = 1e-
        ``P·u₆₄·max|eig|`` dropped (a minimum-norm pseudo-inverse solution), which is finite for
        any finite ``G``.
 
-    Returns ``(V, SolveInfo)``; the caller decides whether to warn
-    (``SolveInfo.needs_attention``).
+    Returns ``(V, loss, SolveInfo)``; the caller decides whether to warn
+    (``SolveInfo.needs_attention``). The loss is :func:`loss_from_stats` without its P×P×n
+    product: with the residual ``r = (G+λI)V − B`` that the check computes anyway,
+    ``⟨V, GV⟩ = ⟨V, B⟩ − λ‖V‖² + ⟨V, r⟩``, so ``loss = ½(Σ‖x‖² − ⟨V, B⟩ − λ‖V‖² + ⟨V, r⟩)``.
     """
     _check_x64()
     G, B = stats.G.astype(F64), stats.B.astype(F64)
@@ -374,32 +385,36 @@ def solve_ridge(stats: Stats, ridge, *, max_attempts: int = 12, tol: float = 1e-
         j = jnp.where(k == 0, 0.0, scale * P * eps * 10.0 ** (k - 1).astype(F64))
         L = jnp.linalg.cholesky(M + j * eye)
         V = cho_solve((L, True), B)
-        be = _backward_error(M, V, B)
+        be, vr = _backward_error(M, V, B)
         ok = jnp.all(jnp.isfinite(V)) & jnp.isfinite(be) & (be <= tol)
-        return V, j, be, ok, L
+        return V, j, be, vr, ok, L
 
     def again(state):
-        k, _, _, _, ok, _ = state
+        k, ok = state[0], state[5]
         return (~ok) & (k < max_attempts)
 
     def body(state):
         k = state[0]
         return (k + 1, *attempt(k))
 
-    k, V, j, be, ok, L = jax.lax.while_loop(again, body, (jnp.int32(1), *attempt(jnp.int32(0))))
+    k, V, j, be, vr, ok, L = jax.lax.while_loop(again, body,
+                                                (jnp.int32(1), *attempt(jnp.int32(0))))
 
     def eig_fallback(_):
         w, U = jnp.linalg.eigh(M)
         cut = P * eps * jnp.max(jnp.abs(w))
         inv = jnp.where(w > cut, 1.0 / jnp.where(w > cut, w, 1.0), 0.0)
         Vf = U @ (inv[:, None] * (U.T @ B))
-        return Vf, _backward_error(M, Vf, B), jnp.max(jnp.abs(w)) / jnp.maximum(
-            jnp.min(jnp.abs(w)), jnp.finfo(F64).tiny)
+        return (Vf, *_backward_error(M, Vf, B), jnp.max(jnp.abs(w)) / jnp.maximum(
+            jnp.min(jnp.abs(w)), jnp.finfo(F64).tiny))
 
-    V, be, cnd = jax.lax.cond(ok, lambda _: (V, be, _condition(M + j * eye, L)), eig_fallback,
-                              None)
-    return V, SolveInfo(jitter=jnp.where(ok, j, 0.0), backward_error=be, attempts=k,
-                        fallback=~ok, condition=cnd)
+    V, be, vr, cnd = jax.lax.cond(ok, lambda _: (V, be, vr, _condition(M + j * eye, L)),
+                                  eig_fallback, None)
+    lam = jnp.asarray(ridge, F64)
+    loss = 0.5 * (stats.xx - jnp.vdot(V, B) - lam * jnp.vdot(V, V) + vr)
+    return V, jnp.maximum(loss, 0.0), SolveInfo(
+        jitter=jnp.where(ok, j, 0.0), backward_error=be, attempts=k, fallback=~ok,
+        condition=cnd)
 
 
 def loss_from_stats(stats: Stats, V) -> jax.Array:

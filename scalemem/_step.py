@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ._core import SolveInfo, Stats, loss_from_stats, solve_ridge
+from ._core import SolveInfo, Stats, solve_ridge_and_loss
 
 __all__ = ["StepOut", "solve_and_loss", "apply_gradient", "make_fused_step"]
 
@@ -34,8 +34,8 @@ def _all_finite(*xs) -> jax.Array:
 
 def solve_and_loss(stats: Stats, ridge):
     """``(V, loss, info, stats_finite)`` from statistics; pure, jit-able."""
-    V, info = solve_ridge(stats, ridge)
-    return V, loss_from_stats(stats, V), info, _all_finite(stats.G, stats.B, stats.xx)
+    V, loss, info = solve_ridge_and_loss(stats, ridge)
+    return V, loss, info, _all_finite(stats.G, stats.B, stats.xx)
 
 
 def apply_gradient(optimizer: optax.GradientTransformation, K, opt_state, grad, ok):
