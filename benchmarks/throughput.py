@@ -7,8 +7,10 @@ the device's measured float32 matmul rate, side by side in one run.
 For every (split, P) the two step functions run in alternating rounds (so load on the machine
 hits both alike) and the median round is reported. FLOPs count a multiply-add as 2:
 
-- scalemem, per row: stats pass 2Pm (logits) + 2P² (G) + 2Pn (B); gradient pass 2Pm (logits)
-  + 2P² (A·VVᵀ) + 2Pn (X·Vᵀ) + 2Pm (dSᵀQ); per step also VVᵀ and the solve (~P³/3 + 6P²n).
+- scalemem, per row: stats pass 2Pm (logits) + 2P² (G) + 2Pn (B); gradient pass 2Pm (logits,
+  counted only when the rows span more than one chunk: with one chunk XLA computes them once)
+  + 2P² (A·VVᵀ) + 2Pn (X·Vᵀ) + 2Pm (dSᵀQ); per step also VVᵀ (2P²n) and the solve
+  (~P³/3 + 4P²n: two triangular solves and the residual check).
 - prototype, per row: 2Pm + 2P² (AᵀA) + 2Pn (AᵀX) + 2Pn (A·V) + 2Pn ((AV−X)·Vᵀ) + 2Pm; per step
   the LU solve (~2P³/3 + 2P²n).
 
@@ -42,14 +44,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import prototype  # noqa: E402
 
 import scalemem  # noqa: E402
+from scalemem._core import default_chunk_rows  # noqa: E402
 from scalemem._fit import InMemoryEngine, init_keys  # noqa: E402
 from scalemem.datasets import fashion_mnist  # noqa: E402
 
 TEST_OF = {"fit10k": "test60k", "fit60k": "test10k", "all": "all"}
 
 
-def scalemem_flops(N, P, m, n):
-    return N * (6 * P * m + 4 * P * P + 4 * P * n) + 2 * P * P * n + P ** 3 / 3 + 6 * P * P * n
+def scalemem_flops(N, P, m, n, chunks=2):
+    logits = 4 * P * m if chunks > 1 else 2 * P * m
+    return N * (logits + 2 * P * m + 4 * P * P + 4 * P * n) + 2 * P * P * n + P ** 3 / 3 + (
+        4 * P * P * n)
 
 
 def prototype_flops(N, P, m, n):
@@ -102,8 +107,8 @@ def step_times(Qf, Xf, P, chunk_rows, steps, rounds):
 
     with jax.enable_x64(True):
         sopt = optax.adam(5e-4)
-        eng = InMemoryEngine(Qf, Xf, optimizer=sopt, ridge=1e-6, chunk_rows=chunk_rows,
-                             dtype=jnp.float32)
+        eng = InMemoryEngine(Qf, Xf, optimizer=sopt, ridge=1e-6,
+                             chunk_rows=chunk_rows or default_chunk_rows(P), dtype=jnp.float32)
         K0 = init_keys(P, Qf.shape[1])
         st["s"] = (K0, sopt.init(K0))
 
@@ -118,7 +123,7 @@ def step_times(Qf, Xf, P, chunk_rows, steps, rounds):
         for _ in range(rounds):
             tp.append(_timed(proto, steps))
             ts.append(_timed(ours, steps))
-    return statistics.median(tp), statistics.median(ts)
+    return statistics.median(tp), statistics.median(ts), -(-len(Qf) // eng.chunk_rows)
 
 
 def full_fit(data_dir, P, split, steps, chunk_rows):
@@ -144,7 +149,8 @@ def main(argv=None):
     ap.add_argument("--data-dir", required=True, type=Path)
     ap.add_argument("--prototypes", default="64,256,1024")
     ap.add_argument("--splits", default="fit10k,fit60k")
-    ap.add_argument("--chunk-rows", type=int, default=4096)
+    ap.add_argument("--chunk-rows", type=int, default=None,
+                    help="rows per chunk (default: scalemem's default for each P)")
     ap.add_argument("--steps", type=int, default=5, help="steps per timed round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--full-fit", action="append", default=[], help="P:SPLIT:STEPS")
@@ -153,7 +159,7 @@ def main(argv=None):
     dev = jax.devices()[0]
     res = {"device": f"{dev.platform}:{dev.device_kind}", "rows": [], "full_fits": []}
     Ps = [int(p) for p in a.prototypes.split(",") if p]
-    rate, rates = matmul_rate(a.chunk_rows, max(Ps), 784)
+    rate, rates = matmul_rate(a.chunk_rows or 4096, max(Ps), 784)
     res["matmul_gflops"] = rate
     res["matmul_gflops_by_shape"] = rates
     print(f"device {res['device']}: measured float32 matmul rate {rate:.1f} GFLOP/s "
@@ -165,9 +171,10 @@ def main(argv=None):
         N, m = Qf.shape
         n = Xf.shape[1]
         for P in Ps:
-            tp, ts = step_times(Qf, Xf, P, a.chunk_rows, a.steps, a.rounds)
-            fs, fp = scalemem_flops(N, P, m, n), prototype_flops(N, P, m, n)
-            row = {"split": split, "rows": N, "prototypes": P, "prototype_s_per_step": tp,
+            tp, ts, chunks = step_times(Qf, Xf, P, a.chunk_rows, a.steps, a.rounds)
+            fs, fp = scalemem_flops(N, P, m, n, chunks), prototype_flops(N, P, m, n)
+            row = {"split": split, "rows": N, "prototypes": P, "chunks": chunks,
+                   "prototype_s_per_step": tp,
                    "scalemem_s_per_step": ts, "ratio": ts / tp, "scalemem_flops": fs,
                    "prototype_flops": fp, "scalemem_fraction_of_rate": fs / ts / 1e9 / rate,
                    "prototype_fraction_of_rate": fp / tp / 1e9 / rate}

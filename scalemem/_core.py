@@ -328,19 +328,19 @@ def _condition(M, L, iters: int = 10):
     x0 = jnp.cos(jnp.arange(1, P + 1, dtype=F64) * 2.399963229728653)  # golden angle: no symmetry
     x0 = x0 / jnp.linalg.norm(x0)
 
-    def largest(f):  # ‖f(x)‖ after ``iters`` normalised applications of f to x0
-        def body(x, _):
-            y = f(x)
-            return y / jnp.maximum(jnp.linalg.norm(y), tiny), None
-
-        x, _ = jax.lax.scan(body, x0, None, length=iters)
-        return jnp.linalg.norm(f(x))
-
-    lmax = largest(lambda x: M @ x)
     # M⁻¹ = L⁻ᵀ L⁻¹ from one triangular solve, then plain matrix-vector products (a LAPACK call
     # per iteration would cost more in call overhead than the arithmetic)
     Linv = jax.scipy.linalg.solve_triangular(L, jnp.eye(P, dtype=L.dtype), lower=True)
-    inv_lmin = largest(lambda x: Linv.T @ (Linv @ x))
+
+    def apply(x):  # column 0: M x, column 1: M⁻¹ x (both iterations in one loop)
+        return jnp.stack([M @ x[:, 0], Linv.T @ (Linv @ x[:, 1])], axis=1)
+
+    def body(x, _):
+        y = apply(x)
+        return y / jnp.maximum(jnp.linalg.norm(y, axis=0), tiny), None
+
+    x, _ = jax.lax.scan(body, jnp.stack([x0, x0], axis=1), None, length=iters)
+    lmax, inv_lmin = jnp.linalg.norm(apply(x), axis=0)
     d = jnp.abs(jnp.diagonal(L))
     diag = jnp.square(jnp.max(d) / jnp.maximum(jnp.min(d), tiny))
     est = jnp.maximum(lmax * inv_lmin, diag)
@@ -397,8 +397,10 @@ def solve_ridge_and_loss(stats: Stats, ridge, *, max_attempts: int = 12, tol: fl
         k = state[0]
         return (k + 1, *attempt(k))
 
-    k, V, j, be, vr, ok, L = jax.lax.while_loop(again, body,
-                                                (jnp.int32(1), *attempt(jnp.int32(0))))
+    # the first attempt runs inside the loop too, so its program is compiled once
+    start = (jnp.int32(0), jnp.zeros_like(B), jnp.zeros((), F64), jnp.asarray(jnp.inf, F64),
+             jnp.zeros((), F64), jnp.asarray(False), jnp.zeros_like(M))
+    k, V, j, be, vr, ok, L = jax.lax.while_loop(again, body, start)
 
     def eig_fallback(_):
         w, U = jnp.linalg.eigh(M)
