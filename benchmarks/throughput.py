@@ -9,8 +9,9 @@ hits both alike) and the median round is reported. FLOPs count a multiply-add as
 
 - scalemem, per row: stats pass 2Pm (logits) + 2P² (G) + 2Pn (B); gradient pass 2Pm (logits,
   counted only when the rows span more than one chunk: with one chunk XLA computes them once)
-  + 2P² (A·VVᵀ) + 2Pn (X·Vᵀ) + 2Pm (dSᵀQ); per step also VVᵀ (2P²n) and the solve
-  (~P³/3 + 4P²n: two triangular solves and the residual check).
+  + 2P² (A·VVᵀ) + 2Pn (X·Vᵀ) + 2Pm (dSᵀQ), with VVᵀ (2P²n) once a step, when P ≤ n; when P > n
+  the gradient takes (A·V − X)·Vᵀ, 4Pn; per step the solve (~P³/3 + 4P²n: two triangular
+  solves and the residual check).
 - prototype, per row: 2Pm + 2P² (AᵀA) + 2Pn (AᵀX) + 2Pn (A·V) + 2Pn ((AV−X)·Vᵀ) + 2Pm; per step
   the LU solve (~2P³/3 + 2P²n).
 
@@ -53,7 +54,11 @@ TEST_OF = {"fit10k": "test60k", "fit60k": "test10k", "all": "all"}
 
 def scalemem_flops(N, P, m, n, chunks=2):
     logits = 4 * P * m if chunks > 1 else 2 * P * m
-    return N * (logits + 2 * P * m + 4 * P * P + 4 * P * n) + 2 * P * P * n + P ** 3 / 3 + (
+    if P <= n:  # gradient products A·(VVᵀ) and X·Vᵀ, plus VVᵀ once a step
+        grad, once = 2 * P * P + 2 * P * n, 2 * P * P * n
+    else:  # (A·V − X)·Vᵀ
+        grad, once = 4 * P * n, 0
+    return N * (logits + 2 * P * m + 2 * P * P + 2 * P * n + grad) + once + P ** 3 / 3 + (
         4 * P * P * n)
 
 

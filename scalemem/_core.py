@@ -258,22 +258,31 @@ def chunk_grad(K, V, VVt, Q, X, w=None, *, key_scale=None, value_scale=None,
 
     ``centre`` (an n-vector ``μ``, optional) says ``X`` was passed already centred, as
     ``Y = X − 1μᵀ`` from :func:`centre_values`: then ``(X − 1νᵀ)Vᵀ = YVᵀ + 1(V(μ − ν))ᵀ``, a
-    rank-one term computed in float64, and no elementwise pass over the values is needed."""
+    rank-one term computed in float64, and no elementwise pass over the values is needed.
+
+    ``VVt=None`` computes ``∂/∂A`` as ``(AV − X)Vᵀ`` instead: 2·P·n multiply-adds a row against
+    P² + P·n, the cheaper form when P > n (:func:`grad_operands` picks by shape)."""
     dt = K.dtype
     Q = _values(Q, dt, key_scale)
     V = V.astype(dt)
+    corr = None  # the rank-one term 1(V(μ − ν))ᵀ of centred values
     if centre is None:
         X = _values(X, dt, value_scale)
         if shift is not None:
             X = X - jnp.asarray(shift).astype(dt)
-        XV = jnp.matmul(X, V.T, precision=precision)
     else:
         off = jnp.asarray(centre).astype(F64)
         if shift is not None:
             off = off - jnp.asarray(shift).astype(F64)
-        XV = jnp.matmul(X, V.T, precision=precision) + (V.astype(F64) @ off).astype(dt)
+        corr = (V.astype(F64) @ off).astype(dt)
     A = softmax_weights(K, Q, precision)
-    R = jnp.matmul(A, VVt.astype(dt), precision=precision) - XV
+    if VVt is None:  # (AV − X)Vᵀ
+        R = jnp.matmul(jnp.matmul(A, V, precision=precision) - X, V.T, precision=precision)
+    else:  # A(VVᵀ) − XVᵀ
+        R = jnp.matmul(A, VVt.astype(dt), precision=precision) - jnp.matmul(
+            X, V.T, precision=precision)
+    if corr is not None:
+        R = R - corr
     if w is not None:
         R = R * w[:, None].astype(dt)
     dS = A * (R - jnp.sum(A * R, axis=1, keepdims=True))
@@ -281,13 +290,17 @@ def chunk_grad(K, V, VVt, Q, X, w=None, *, key_scale=None, value_scale=None,
 
 
 def grad_operands(V, dtype, precision=HIGHEST):
-    """``(V − 1νᵀ, (V − 1νᵀ)(V − 1νᵀ)ᵀ, ν)`` in ``dtype`` with ``ν`` the mean row of ``V``: the
+    """``(V − 1νᵀ, (V − 1νᵀ)(V − 1νᵀ)ᵀ, ν)`` in ``dtype`` with ``ν`` the mean row of ``V`` (the
+    P×P product only when P ≤ n; None otherwise, see :func:`chunk_grad`): the
     arguments ``V``, ``VVt`` and ``shift`` of :func:`chunk_grad` for the gradient at ``V``, once
     per step. Every engine should use them, so that all compute the same gradient."""
     V64 = V.astype(F64)
     nu = jnp.mean(V64, axis=0).astype(dtype)  # rounded first, so that Vd + ν is V
     Vd = (V64 - nu.astype(F64)).astype(dtype)
-    return Vd, jnp.matmul(Vd, Vd.T, precision=precision), nu
+    P, n = V.shape
+    # A(VVᵀ) − XVᵀ costs P² + P·n a row, (AV − X)Vᵀ 2·P·n: the first only while P ≤ n
+    VVt = jnp.matmul(Vd, Vd.T, precision=precision) if P <= n else None
+    return Vd, VVt, nu
 
 
 def scan_grad(K, V, Qb, Xb, wb, *, key_scale=None, value_scale=None, precision=HIGHEST,

@@ -54,6 +54,7 @@ from ._model import Memory
 from ._source import Source
 from ._step import StepOut, apply_gradient, make_fused_step, solve_and_loss
 from ._stream import ChunkStream
+from ._streaming import PassEngine, locate_nonfinite
 from ._validate import check_init, check_int, check_number, check_pair, check_scale
 
 __all__ = ["DATA_AXIS", "MATMUL_PRECISIONS", "make_mesh", "row_ranges", "local_row_ranges",
@@ -346,7 +347,7 @@ def _lead(tree):
     return jax.tree.map(lambda a: a[None], tree)
 
 
-class ShardedStreamingEngine:
+class ShardedStreamingEngine(PassEngine):
     """The streamed counterpart of :class:`ShardedEngine` (engine protocol of
     :func:`scalemem._fit.fit_engine`): device ``i`` of ``mesh`` streams rows
     ``row_ranges(N, D)[i]`` of ``source`` in blocks of ``chunks_per_block`` chunks of
@@ -471,68 +472,27 @@ class ShardedStreamingEngine:
     def stats(self, K) -> _core.Stats:
         """The (psum'ed, replicated) statistics at ``K`` (one pass)."""
         with jax.enable_x64(True):
-            K = _replicate(K, self.mesh)
-            return self._reduce(self._pass(self._stats_block, self._zero_stats(K), K))
+            return self._stats_pass(_replicate(K, self.mesh))
 
-    def _check_K(self, K) -> None:
-        if K.shape[1:] != (self.key_dim,) or K.dtype != self.dtype:
-            raise ConfigError("K", f"{K.shape} {K.dtype}", f"expected (P, {self.key_dim}) "
-                              f"{self.dtype} keys for this engine")
+    def _stats_pass(self, K):
+        return self._reduce(self._pass(self._stats_block, self._zero_stats(K), K))
 
-    # -- engine protocol -------------------------------------------------------------------------
+    def _grad_pass(self, K, V):
+        return self._reduce(self._pass(self._grad_block, self._zero_grad(K), K, V))
 
-    def step(self, K, opt_state):
-        with jax.enable_x64(True):
-            self._check_K(K)
-            lagged = self._last[1] if (self.one_pass and self._last is not None
-                                       and self._last[0] is K) else None
-            if lagged is not None:
-                acc = self._pass(self._both_block, (self._zero_stats(K), self._zero_grad(K)),
-                                 K, lagged)
-                stats, grad = self._reduce(acc)
-                V, loss, info, ok = self._solve(stats, self.ridge)
-            else:
-                stats = self._reduce(self._pass(self._stats_block, self._zero_stats(K), K))
-                V, loss, info, ok = self._solve(stats, self.ridge)
-                grad = self._reduce(self._pass(self._grad_block, self._zero_grad(K), K, V))
-            K_next, opt_state, ok = self._apply(K, opt_state, grad, ok)
-            if self.one_pass:
-                self._last = (K_next, V)
-            return K_next, opt_state, StepOut(V, loss, stats.count, info, ok)
-
-    def final(self, K) -> StepOut:
-        with jax.enable_x64(True):
-            self._check_K(K)
-            stats = self._reduce(self._pass(self._stats_block, self._zero_stats(K), K))
-            V, loss, info, ok = self._solve(stats, self.ridge)
-            return StepOut(V, loss, stats.count, info, ok)
+    def _both_pass(self, K, V):
+        return self._reduce(self._pass(self._both_block,
+                                       (self._zero_stats(K), self._zero_grad(K)), K, V))
 
     def locate_nonfinite(self) -> NonFiniteDataError:
         """The first NaN/Inf in *this process's* rows (rows count from the start of the
         source); a process whose rows are finite reports the logit-overflow explanation."""
-        read = self.chunk_rows * self.chunks_per_block
-        offset = int(getattr(self.source, "row_offset", 0) or 0)
-        for _, (s, e) in self._local:
-            for a in range(s, e, read):
-                b = min(a + read, e)
-                Q, X = self.source.read(a, b)
-                for which, arr in (("keys", Q), ("values", X)):
-                    arr = np.asarray(arr)
-                    if arr.dtype.kind != "f":
-                        continue
-                    bad = ~np.isfinite(arr).all(axis=1)
-                    if bad.any():
-                        row = a + int(np.argmax(bad))
-                        name = getattr(self.source, f"{which[:-1]}_array", which)
-                        return NonFiniteDataError(
-                            f"{self.source.name}: {which} row {row} (row {row + offset} of the "
-                            f"store) holds NaN or Inf; fix or drop the row",
-                            source=self.source.name, array=name, row=row,
-                            chunk=(row - s) // self.chunk_rows)
-        return NonFiniteDataError(
-            f"{self.source.name}: statistics became non-finite; this process's rows are finite "
-            "(another process may report a bad row), else the logits overflow: scale the keys "
-            "down", source=self.source.name)
+        return locate_nonfinite(
+            self.source, self.chunk_rows * self.chunks_per_block, self.chunk_rows,
+            ranges=[r for _, r in self._local], finite_hint=(
+                f"{self.source.name}: statistics became non-finite; this process's rows are "
+                "finite (another process may report a bad row), else the logits overflow: scale "
+                "the keys down"))
 
 
 # ----------------------------------------------------------------------------------------------

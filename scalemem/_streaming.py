@@ -124,7 +124,46 @@ def _compute_dtype(dtype, *dtypes):
     return jnp.dtype(jnp.float32)
 
 
-class StreamingEngine:
+class PassEngine:
+    """``step``/``final`` of an engine made of passes over streamed data (the one-device stream
+    and the sharded stream share them). A subclass provides ``_stats_pass(K) -> Stats``,
+    ``_grad_pass(K, V) -> ∂K``, ``_both_pass(K, V_lagged) -> (Stats, ∂K)`` (one-pass mode),
+    and the attributes ``key_dim``, ``dtype``, ``ridge``, ``one_pass``, ``_apply`` and
+    ``_last``."""
+
+    def _check_K(self, K) -> None:
+        if K.shape[1:] != (self.key_dim,) or K.dtype != self.dtype:
+            raise ConfigError("K", f"{K.shape} {K.dtype}", f"expected (P, {self.key_dim}) "
+                              f"{self.dtype} keys for this engine")
+
+    def step(self, K, opt_state):
+        """One step at ``K``: ``(K_next, opt_state_next, StepOut at K)``."""
+        with jax.enable_x64(True):
+            self._check_K(K)
+            lagged = self._last[1] if (self.one_pass and self._last is not None
+                                       and self._last[0] is K) else None
+            if lagged is not None:
+                stats, grad = self._both_pass(K, lagged)
+                V, loss, info, ok = _solve(stats, self.ridge)
+            else:
+                stats = self._stats_pass(K)
+                V, loss, info, ok = _solve(stats, self.ridge)
+                grad = self._grad_pass(K, V)
+            K_next, opt_state, ok = self._apply(K, opt_state, grad, ok)
+            if self.one_pass:
+                self._last = (K_next, V)
+            return K_next, opt_state, StepOut(V, loss, stats.count, info, ok)
+
+    def final(self, K) -> StepOut:
+        """Statistics pass and solve at ``K`` (no update)."""
+        with jax.enable_x64(True):
+            self._check_K(K)
+            stats = self._stats_pass(K)
+            V, loss, info, ok = _solve(stats, self.ridge)
+            return StepOut(V, loss, stats.count, info, ok)
+
+
+class StreamingEngine(PassEngine):
     """The engine (see :class:`scalemem._fit.Engine`) for a streamed source: each pass reads the
     source block by block through a :class:`~scalemem._stream.ChunkStream`.
 
@@ -175,40 +214,9 @@ class StreamingEngine:
     def _grad_pass(self, K, V):
         return self._pass(_grad_block, jnp.zeros(K.shape, _core.F64), K, V)
 
-    def _check_K(self, K) -> None:
-        if K.shape[1:] != (self.key_dim,) or K.dtype != self.dtype:
-            raise ConfigError("K", f"{K.shape} {K.dtype}", f"expected (P, {self.key_dim}) "
-                              f"{self.dtype} keys for this engine")
-
-    # -- engine protocol -----------------------------------------------------------------------
-
-    def step(self, K, opt_state):
-        """One step at ``K``: ``(K_next, opt_state_next, StepOut at K)``."""
-        with jax.enable_x64(True):
-            self._check_K(K)
-            lagged = self._last[1] if (self.one_pass and self._last is not None
-                                       and self._last[0] is K) else None
-            if lagged is not None:
-                stats, grad = self._pass(
-                    _both_block, (_core.zero_stats(K.shape[0], self.value_dim),
-                                  jnp.zeros(K.shape, _core.F64)), K, lagged)
-                V, loss, info, ok = _solve(stats, self.ridge)
-            else:
-                stats = self._stats_pass(K)
-                V, loss, info, ok = _solve(stats, self.ridge)
-                grad = self._grad_pass(K, V)
-            K_next, opt_state, ok = self._apply(K, opt_state, grad, ok)
-            if self.one_pass:
-                self._last = (K_next, V)
-            return K_next, opt_state, StepOut(V, loss, stats.count, info, ok)
-
-    def final(self, K) -> StepOut:
-        """Statistics pass and solve at ``K`` (no update)."""
-        with jax.enable_x64(True):
-            self._check_K(K)
-            stats = self._stats_pass(K)
-            V, loss, info, ok = _solve(stats, self.ridge)
-            return StepOut(V, loss, stats.count, info, ok)
+    def _both_pass(self, K, V):
+        return self._pass(_both_block, (_core.zero_stats(K.shape[0], self.value_dim),
+                                        jnp.zeros(K.shape, _core.F64)), K, V)
 
     def locate_nonfinite(self) -> NonFiniteDataError:
         """Scan the source for the first NaN/Inf and say where it is (source, array, chunk and
@@ -217,14 +225,17 @@ class StreamingEngine:
                                 self.chunk_rows)
 
 
-def locate_nonfinite(source: Source, read_rows: int = 16384,
-                     chunk_rows: int | None = None) -> NonFiniteDataError:
-    """The first non-finite entry of ``source`` as a :class:`NonFiniteDataError` (returned, not
-    raised); when the data is finite, an error explaining that the logits overflowed."""
+def locate_nonfinite(source: Source, read_rows: int = 16384, chunk_rows: int | None = None,
+                     ranges=None, finite_hint: str | None = None) -> NonFiniteDataError:
+    """The first non-finite entry of ``source`` (of its row ``ranges``, by default all rows;
+    chunks count from the start of each range) as a :class:`NonFiniteDataError` (returned, not
+    raised); when the data is finite, an error explaining that the logits overflowed (or
+    ``finite_hint``)."""
     chunk_rows = chunk_rows or read_rows
     offset = int(getattr(source, "row_offset", 0) or 0)
-    for s in range(0, int(source.rows), read_rows):
-        e = min(s + read_rows, int(source.rows))
+    spans = [(r0, s, min(s + read_rows, r1))
+             for r0, r1 in (ranges or [(0, int(source.rows))]) for s in range(r0, r1, read_rows)]
+    for r0, s, e in spans:
         Q, X = source.read(s, e)
         for which, a in (("keys", Q), ("values", X)):
             a = np.asarray(a)
@@ -237,11 +248,13 @@ def locate_nonfinite(source: Source, read_rows: int = 16384,
                 array = getattr(source, f"{'key' if which == 'keys' else 'value'}_array", which)
                 where = (f" (row {row + offset} of array {array!r} in the store)"
                          if offset or array != which else "")
+                chunk = (row - r0) // chunk_rows
                 return NonFiniteDataError(
                     f"{source.name}: {which} row {row}{where}, column {col} of the view, in "
-                    f"chunk {row // chunk_rows} holds {a[row - s, col]}; fix or drop the row",
-                    source=source.name, array=array, row=row, chunk=row // chunk_rows)
-    return NonFiniteDataError(OVERFLOW_HINT.format(source=source.name), source=source.name)
+                    f"chunk {chunk} holds {a[row - s, col]}; fix or drop the row",
+                    source=source.name, array=array, row=row, chunk=chunk)
+    return NonFiniteDataError(finite_hint or OVERFLOW_HINT.format(source=source.name),
+                              source=source.name)
 
 
 def fit_source(source: Source, prototypes: int, *, steps: int,

@@ -41,14 +41,44 @@ def test_chunked_stats_equal_one_shot(chunk):
     assert float(S.count) == len(Q)
 
 
+# (P, n): P > n takes the (AV − X)Vᵀ form of ∂/∂A, P < n the A(VVᵀ) − XVᵀ form
+SHAPES = [(6, 5), (4, 9)]
+
+
+@pytest.mark.parametrize("P,n", SHAPES)
 @pytest.mark.parametrize("chunk", [1, 64, 300, 999, 1000, 5000])
-def test_chunked_gradient_equals_jax_grad(chunk):
-    Q, X, K, V = _data(N=999)  # 999 rows: most chunk sizes leave a ragged last chunk
+def test_chunked_gradient_equals_jax_grad(chunk, P, n):
+    Q, X, K, V = _data(N=999, P=P, n=n)  # 999 rows: most chunk sizes leave a ragged last chunk
     with jax.enable_x64(True):
         ref = jax.grad(_prototype_loss)(*map(jnp.asarray, (K, V, Q, X)))
         Qb, Xb, wb = _core.to_blocks(Q, X, chunk)
         g = jax.jit(_core.scan_grad)(jnp.asarray(K), jnp.asarray(V), Qb, Xb, wb)
     # rtol 1e-8 (the acceptance bound): both are float64; they differ only in summation order
+    np.testing.assert_allclose(g, ref, rtol=1e-8, atol=1e-10 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("P,n", SHAPES)
+def test_centred_values_give_the_same_statistics_and_gradient(P, n):
+    """The in-memory engines' layout: values stored centred per chunk (centre_values), no row
+    weights, the last chunk shorter; statistics and gradient equal the one-shot references."""
+    Q, X, K, V = _data(N=999, P=P, n=n)
+    X = X + 3.0  # an offset, so the centring is not a no-op
+    with jax.enable_x64(True):
+        Qj, Xj, Kj, Vj = map(jnp.asarray, (Q, X, K, V))
+        ref = jax.grad(_prototype_loss)(Kj, Vj, Qj, Xj)
+        A = np.asarray(jax.nn.softmax(Qj @ Kj.T, axis=1))
+        c, nb = 300, 3  # three chunks of 300 rows and one of 99
+        Yb, mom, mu = jax.vmap(lambda x: _core.centre_values(x, dtype=jnp.float64))(
+            Xj[:c * nb].reshape(nb, c, n))
+        Qb = Qj[:c * nb].reshape(nb, c, -1)
+        S = _core.scan_stats(Kj, Qb, Yb, None, moments=mom, centred=True)
+        y, m1, mu1 = _core.centre_values(Xj[c * nb:], dtype=jnp.float64)
+        S = _core.merge(S, _core.chunk_stats(Kj, Qj[c * nb:], y, moments=m1, centred=True))
+        g = _core.scan_grad(Kj, Vj, Qb, Yb, None, centres=mu)
+        g = _core.scan_grad(Kj, Vj, Qj[c * nb:][None], y[None], None, centres=mu1[None], init=g)
+    # rtol 1e-12 / 1e-8 as in the tests above: float64 throughout, only the order of sums differs
+    np.testing.assert_allclose(S.G, A.T @ A, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(S.B, A.T @ X, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(g, ref, rtol=1e-8, atol=1e-10 * np.abs(ref).max())
 
 
