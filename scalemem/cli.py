@@ -428,10 +428,12 @@ def _run_fit(cfg: dict, say: _Out) -> dict:
                           "--resume RUN")
     from ._distributed import initialize
 
-    if cfg.get("distributed"):
+    joining = bool(cfg.get("distributed")) or any(
+        os.environ.get(v) for v in ("JAX_COORDINATOR_ADDRESS", "SCALEMEM_NUM_PROCESSES"))
+    if joining:  # launched as one process of several: join them
+        if cfg.get("json"):
+            _stdout_for_json_only()
         initialize()
-    elif any(os.environ.get(v) for v in ("JAX_COORDINATOR_ADDRESS", "SCALEMEM_NUM_PROCESSES")):
-        initialize()  # launched as one process of several: join them
     return fit_run(cfg, resume=resume is not None, say=say, progress=not cfg["quiet"])
 
 
@@ -563,6 +565,17 @@ def build_parser() -> argparse.ArgumentParser:
         "table, and write OUT/table.json and OUT/rmse_vs_prototypes.png."),
         _BY_KEY["reproduce"])
     return parser
+
+
+def _stdout_for_json_only() -> None:
+    """Keep stdout for the ``--json`` object in a multi-process run: the collectives library
+    that ``jax.distributed`` loads (gloo on CPUs) prints connection lines on file descriptor 1,
+    so that descriptor is pointed at stderr and Python's ``sys.stdout`` writes to the original
+    stdout through a descriptor of its own."""
+    sys.stdout.flush()
+    original = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = os.fdopen(original, "w", buffering=1)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -217,3 +217,37 @@ def test_initialize_without_launcher(monkeypatch):
     with pytest.raises(scalemem.ConfigError) as e:
         _distributed.initialize()
     assert e.value.field == "SCALEMEM_NUM_PROCESSES"
+
+
+def test_cli_json_stdout_stays_clean_in_two_processes(store, tmp_path):
+    """`scalemem fit --json` as one of two processes: stdout is exactly the JSON object. The
+    gloo library that jax.distributed loads prints a connection line on file descriptor 1
+    ("[Gloo] Rank 0 is connected ..."); before the fix it landed in the middle of stdout."""
+    port = _free_port()
+    procs = []
+    for pid in (0, 1):
+        env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
+                   JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", SCALEMEM_NUM_PROCESSES="2",
+                   SCALEMEM_PROCESS_ID=str(pid))
+        env.pop("XLA_FLAGS", None)
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "scalemem", "fit", str(store), "--rows", "all",
+             "--prototypes", "4", "--steps", "2", "--json", "--quiet", "--out",
+             str(tmp_path / "run")], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True))
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=240))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+        lines = out.strip().splitlines()
+        assert len(lines) == 1, out  # nothing but the JSON object
+        result = json.loads(lines[0])
+        assert result["rows"] == N and result["steps"] == 2
+    # the library's line went to stderr (when it prints one at all)
+    assert all("Gloo" not in out for out, _ in outs)
