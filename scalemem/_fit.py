@@ -119,19 +119,27 @@ class InMemoryEngine:
     def locate_nonfinite(self) -> NonFiniteDataError:
         """The first NaN/Inf of the data (array, row, column and chunk: ``row // chunk_rows``),
         or, when the data is finite, an error saying that the arithmetic overflowed."""
-        for name, a in (("keys", self._Q), ("values", self._X)):
-            a = np.asarray(a)
-            if a.dtype.kind == "f":
-                bad = ~np.isfinite(a).all(axis=1)
-                if bad.any():
-                    row = int(np.argmax(bad))
-                    col = int(np.argmax(~np.isfinite(a[row])))
-                    chunk = row // self.chunk_rows
-                    return NonFiniteDataError(
-                        f"memory: {name} row {row}, column {col}, in chunk {chunk} holds "
-                        f"{a[row, col]}; fix or drop the row", source="memory", array=name,
-                        row=row, chunk=chunk)
-        return NonFiniteDataError(OVERFLOW_HINT.format(source="memory"), source="memory")
+        return locate_nonfinite_arrays(self._Q, self._X, self.chunk_rows)
+
+
+def locate_nonfinite_arrays(Q, X, chunk_rows: int | None = None) -> NonFiniteDataError:
+    """The first NaN/Inf of in-memory keys ``Q`` and values ``X`` as a
+    :class:`NonFiniteDataError` (array, row, column and, given ``chunk_rows``, the chunk
+    ``row // chunk_rows``); when both are finite, the error saying that the arithmetic
+    overflowed."""
+    for name, a in (("keys", Q), ("values", X)):
+        a = np.asarray(a)
+        if a.dtype.kind == "f":
+            bad = ~np.isfinite(a).all(axis=1)
+            if bad.any():
+                row = int(np.argmax(bad))
+                col = int(np.argmax(~np.isfinite(a[row])))
+                chunk = None if chunk_rows is None else row // chunk_rows
+                where = "" if chunk is None else f", in chunk {chunk}"
+                return NonFiniteDataError(
+                    f"memory: {name} row {row}, column {col}{where} holds {a[row, col]}; fix or "
+                    "drop the row", source="memory", array=name, row=row, chunk=chunk)
+    return NonFiniteDataError(OVERFLOW_HINT.format(source="memory"), source="memory")
 
 
 OVERFLOW_HINT = ("{source}: the statistics or the gradient became non-finite although the data is "

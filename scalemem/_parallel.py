@@ -49,12 +49,13 @@ from jax.sharding import PartitionSpec as P
 
 from . import _core
 from ._errors import ConfigError, NonFiniteDataError
-from ._fit import FitResult, StepReport, default_optimizer, fit_engine, init_keys
+from ._fit import (FitResult, StepReport, default_optimizer, fit_engine, init_keys,
+                   locate_nonfinite_arrays)
 from ._model import Memory
 from ._source import Source
 from ._step import StepOut, apply_gradient, make_fused_step, solve_and_loss
 from ._stream import ChunkStream
-from ._streaming import PassEngine, locate_nonfinite
+from ._streaming import PassEngine, _compute_dtype, locate_nonfinite
 from ._validate import check_init, check_int, check_number, check_pair, check_scale
 
 __all__ = ["DATA_AXIS", "MATMUL_PRECISIONS", "make_mesh", "row_ranges", "local_row_ranges",
@@ -284,16 +285,8 @@ class ShardedEngine:
         return self._final(K, *self._data)
 
     def locate_nonfinite(self) -> NonFiniteDataError:
-        for name, a in (("keys", self._Q), ("values", self._X)):
-            a = np.asarray(a)
-            if a.dtype.kind == "f":
-                bad = ~np.isfinite(a).all(axis=1)
-                if bad.any():
-                    row = int(np.argmax(bad))
-                    return NonFiniteDataError(
-                        f"{name} row {row} holds NaN or Inf", source="memory", array=name, row=row)
-        return NonFiniteDataError("statistics became non-finite although the data is finite; "
-                                  "the logits overflow: scale the keys down", source="memory")
+        # rows are split over devices, so a global chunk index would mean nothing: row and column
+        return locate_nonfinite_arrays(self._Q, self._X)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -497,15 +490,6 @@ class ShardedStreamingEngine(PassEngine):
 
 # ----------------------------------------------------------------------------------------------
 # entry points
-
-
-def _compute_dtype(dtype, *dtypes):
-    if dtype is not None:
-        return jnp.dtype(dtype)
-    kinds = [np.dtype(d) for d in dtypes]
-    if all(k.kind == "f" for k in kinds) and any(k == np.float64 for k in kinds):
-        return jnp.dtype(jnp.float64)
-    return jnp.dtype(jnp.float32)
 
 
 def _local_result(res: FitResult) -> FitResult:
