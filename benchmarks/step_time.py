@@ -72,7 +72,7 @@ def main(argv=None) -> dict:
     # scalemem
     with jax.enable_x64(True):
         sopt = optax.adam(5e-4)
-        chunk = a.chunk_rows or default_chunk_rows(P)
+        chunk = a.chunk_rows or default_chunk_rows(P, jax.default_backend())
         eng = InMemoryEngine(Qf, Xf, optimizer=sopt, ridge=1e-6, chunk_rows=chunk,
                              dtype=jnp.float32)
         K0 = init_keys(P, Qf.shape[1])

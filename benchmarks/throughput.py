@@ -112,8 +112,9 @@ def step_times(Qf, Xf, P, chunk_rows, steps, rounds):
 
     with jax.enable_x64(True):
         sopt = optax.adam(5e-4)
-        eng = InMemoryEngine(Qf, Xf, optimizer=sopt, ridge=1e-6,
-                             chunk_rows=chunk_rows or default_chunk_rows(P), dtype=jnp.float32)
+        chunk = chunk_rows or default_chunk_rows(P, jax.default_backend())
+        eng = InMemoryEngine(Qf, Xf, optimizer=sopt, ridge=1e-6, chunk_rows=chunk,
+                             dtype=jnp.float32)
         K0 = init_keys(P, Qf.shape[1])
         st["s"] = (K0, sopt.init(K0))
 

@@ -80,7 +80,7 @@ def run_scalemem(Qf, Xf, Qt, Xt, P, steps, every, target, *, init, optimizer):
     t = time.perf_counter()
     with jax.enable_x64(True):
         eng = InMemoryEngine(Qf, Xf, optimizer=optimizer, ridge=1e-6,
-                             chunk_rows=default_chunk_rows(P), dtype=jnp.float32)
+                             chunk_rows=default_chunk_rows(P, jax.default_backend()), dtype=jnp.float32)
         if init == "normal":
             K = init_keys(P, Qf.shape[1])
         else:

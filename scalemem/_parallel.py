@@ -511,12 +511,12 @@ def _fingerprint_arrays(*arrays) -> str:
 
 def _common_checks(prototypes, rows, steps, ridge, chunk_rows, seed, optimizer, learning_rate,
                    matmul_precision):
-    """Checked settings; the optimiser defaults to Adam(``learning_rate``)."""
+    """Checked settings; the optimiser defaults to Adam(``learning_rate``). ``chunk_rows`` stays
+    None when not given: its default depends on the devices (:func:`_default_chunk`)."""
     P_ = check_int("prototypes", prototypes, 1, rows)
     steps = check_int("steps", steps, 0)
     ridge = check_number("ridge", ridge, 0.0)
-    chunk_rows = (_core.default_chunk_rows(P_) if chunk_rows is None
-                  else check_int("chunk_rows", chunk_rows, 1))
+    chunk_rows = None if chunk_rows is None else check_int("chunk_rows", chunk_rows, 1)
     seed = check_int("seed", seed)
     if matmul_precision not in MATMUL_PRECISIONS:
         raise ConfigError("matmul_precision", matmul_precision,
@@ -524,6 +524,15 @@ def _common_checks(prototypes, rows, steps, ridge, chunk_rows, seed, optimizer, 
     if optimizer is None:
         optimizer = default_optimizer(check_number("learning_rate", learning_rate, 0.0))
     return P_, steps, ridge, chunk_rows, seed, optimizer
+
+
+def _default_chunk(chunk_rows, P: int, mesh: Mesh, resident: bool) -> int:
+    """``chunk_rows``, or the default for ``mesh``'s platform: rows resident on the devices get
+    :func:`scalemem._core.default_chunk_rows` of that platform; streamed rows the CPU rule, which
+    bounds the host memory of the blocks in flight."""
+    if chunk_rows is not None:
+        return chunk_rows
+    return _core.default_chunk_rows(P, _platform(mesh) if resident else "cpu")
 
 
 def _start(K0, engine, optimizer, loop: dict):
@@ -600,6 +609,7 @@ def fit_sharded(Q, X, prototypes: int, *, mesh: Mesh | None = None, devices=None
         check_init("init", init, (P_, mk))
     with jax.enable_x64(True):
         mesh = make_mesh(devices, mesh)
+        chunk_rows = _default_chunk(chunk_rows, P_, mesh, resident=True)
         dt = _compute_dtype(dtype, Q.dtype, X.dtype)
         if jax.process_count() > 1:
             _check_processes(
@@ -663,6 +673,7 @@ def fit_source_sharded(source: Source, prototypes: int, *, mesh: Mesh | None = N
         check_init("init", init, (P_, m))
     with jax.enable_x64(True):
         mesh = make_mesh(devices, mesh)
+        chunk_rows = _default_chunk(chunk_rows, P_, mesh, resident=False)
         dt = _compute_dtype(dtype, source.key_dtype, source.value_dtype)
         K0 = init_keys(P_, m, seed, dt) if init is None else jnp.asarray(init, dt)
         if jax.process_count() > 1:

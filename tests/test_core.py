@@ -268,3 +268,17 @@ def test_resume_from_loop_state_is_bit_identical():
     np.testing.assert_array_equal(res.memory.K, full.memory.K)  # bit-identical, not close
     np.testing.assert_array_equal(res.memory.V, full.memory.V)
     np.testing.assert_array_equal(res.loss, full.loss)
+
+
+@pytest.mark.parametrize("platform,budget,lo,hi", [("cpu", 16 << 20, 1024, 16384),
+                                                   ("gpu", 512 << 20, 4096, 1 << 20)])
+def test_default_chunk_rows_bounds_the_chunk_intermediate(platform, budget, lo, hi):
+    # one c×P float32 intermediate stays within the platform's budget (16 MiB on a CPU, near
+    # the caches; 512 MiB on an accelerator, where fewer, bigger chunks ran faster), the chunk
+    # is a power of two between the platform's bounds, and it is the largest such power
+    for P in (1, 2, 3, 64, 100, 256, 1000, 1024, 4096, 65536, 10 ** 6):
+        c = _core.default_chunk_rows(P, platform)
+        assert lo <= c <= hi and c & (c - 1) == 0
+        assert c == lo or c * P * 4 <= budget
+        assert c == hi or 2 * c * P * 4 > budget
+    assert _core.default_chunk_rows(256) == _core.default_chunk_rows(256, "cpu") == 16384
