@@ -6,7 +6,7 @@ alone on the same data and device as the whole fused step.
         [--chunk-rows C] [--warm-steps 50] [--json OUT]
 
 The passes are the engine's own (``InMemoryEngine.passes``). Jitted apart, the two passes each
-compute the softmax (the fused step computes it once when the rows are one chunk), so the parts
+compute the softmax (the fused step computes it once when it unrolls its chunks), so the parts
 may add up to more than the step. ``K`` is taken after ``--warm-steps`` Adam steps from the
 seed's initialisation, so the solve sees the conditioning of a running fit. Each phase reports
 its FLOPs (a multiply-add counts 2) and its share of the device's measured float32 matmul rate
@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import TEST_OF, matmul_rate  # noqa: E402
+from throughput import (TEST_OF, matmul_rate, scalemem_flops,  # noqa: E402
+                        scalemem_phase_flops)
 
 from scalemem._core import default_chunk_rows  # noqa: E402
 from scalemem._fit import InMemoryEngine, init_keys  # noqa: E402
@@ -50,18 +51,6 @@ def _time(fn, steps, rounds):
         jax.block_until_ready(r)
         out.append((time.perf_counter() - t) / steps)
     return statistics.median(out)
-
-
-def phase_flops(N, P, m, n, chunks):
-    """FLOPs of each phase, as counted in ``throughput.scalemem_flops``."""
-    stats = N * (2 * P * m + 2 * P * P + 2 * P * n)
-    if P <= n:
-        grad = N * (2 * P * m + 2 * P * P + 2 * P * n + 2 * P * m) + 2 * P * P * n
-    else:
-        grad = N * (2 * P * m + 4 * P * n + 2 * P * m)
-    solve = P ** 3 / 3 + 4 * P * P * n
-    step = stats + grad + solve - (N * 2 * P * m if chunks == 1 else 0)
-    return {"stats": stats, "solve": solve, "grad": grad, "step": step}
 
 
 def main(argv=None):
@@ -112,7 +101,7 @@ def main(argv=None):
             "step": _time(lambda: eng.step(K, s)[0], a.steps, a.rounds),
         }
     chunks = -(-N // eng.chunk_rows)
-    flops = phase_flops(N, P, m, n, chunks)
+    flops = {**scalemem_phase_flops(N, P, m, n), "step": scalemem_flops(N, P, m, n, chunks)}
     res = {"device": f"{dev.platform}:{dev.device_kind}", "split": a.split, "rows": N,
            "prototypes": P, "chunk_rows": eng.chunk_rows, "chunks": chunks,
            "matmul_gflops": rate, "solve_attempts": int(info.attempts), "phases": {}}

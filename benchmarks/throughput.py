@@ -8,8 +8,9 @@ For every (split, P) the two step functions run in alternating rounds (so load o
 hits both alike) and the median round is reported. FLOPs count a multiply-add as 2:
 
 - scalemem, per row: stats pass 2Pm (logits) + 2P² (G) + 2Pn (B); gradient pass 2Pm (logits,
-  counted only when the rows span more than one chunk: with one chunk XLA computes them once)
-  + 2P² (A·VVᵀ) + 2Pn (X·Vᵀ) + 2Pm (dSᵀQ), with VVᵀ (2P²n) once a step, when P ≤ n; when P > n
+  counted only when the rows span more than ``UNROLL_CHUNKS`` chunks: the engine then scans
+  them; up to that many chunks are unrolled and XLA computes each chunk's softmax once for both
+  passes) + 2P² (A·VVᵀ) + 2Pn (X·Vᵀ) + 2Pm (dSᵀQ), with VVᵀ (2P²n) once a step, when P ≤ n; when P > n
   the gradient takes (A·V − X)·Vᵀ, 4Pn; per step the solve (~P³/3 + 4P²n: two triangular
   solves and the residual check).
 - prototype, per row: 2Pm + 2P² (AᵀA) + 2Pn (AᵀX) + 2Pn (A·V) + 2Pn ((AV−X)·Vᵀ) + 2Pm; per step
@@ -46,20 +47,28 @@ import prototype  # noqa: E402
 
 import scalemem  # noqa: E402
 from scalemem._core import default_chunk_rows  # noqa: E402
-from scalemem._fit import InMemoryEngine, init_keys  # noqa: E402
+from scalemem._fit import UNROLL_CHUNKS, InMemoryEngine, init_keys  # noqa: E402
 from scalemem.datasets import fashion_mnist  # noqa: E402
 
 TEST_OF = {"fit10k": "test60k", "fit60k": "test10k", "all": "all"}
 
 
-def scalemem_flops(N, P, m, n, chunks=2):
-    logits = 4 * P * m if chunks > 1 else 2 * P * m
+def scalemem_phase_flops(N, P, m, n):
+    """FLOPs of scalemem's statistics pass, gradient pass (each with its own logits) and solve."""
     if P <= n:  # gradient products A·(VVᵀ) and X·Vᵀ, plus VVᵀ once a step
         grad, once = 2 * P * P + 2 * P * n, 2 * P * P * n
     else:  # (A·V − X)·Vᵀ
         grad, once = 4 * P * n, 0
-    return N * (logits + 2 * P * m + 2 * P * P + 2 * P * n + grad) + once + P ** 3 / 3 + (
-        4 * P * P * n)
+    return {"stats": N * (2 * P * m + 2 * P * P + 2 * P * n),
+            "grad": N * (2 * P * m + grad + 2 * P * m) + once,
+            "solve": P ** 3 / 3 + 4 * P * P * n}
+
+
+def scalemem_flops(N, P, m, n, chunks=UNROLL_CHUNKS + 1):
+    """FLOPs of one step: both passes and the solve, the logits counted once when the engine
+    unrolls its chunks (at most ``UNROLL_CHUNKS``), twice when it scans them."""
+    f = scalemem_phase_flops(N, P, m, n)
+    return sum(f.values()) - (N * 2 * P * m if chunks <= UNROLL_CHUNKS else 0)
 
 
 def prototype_flops(N, P, m, n):
