@@ -12,9 +12,14 @@ standardised) on the same 78 keys and rows.
 Log-loss: the memory's probabilities are clipped to [1e-7, 1] and renormalised per row before
 ``-log p_y`` is averaged (ridge-solved V is not constrained to the simplex).
 
+The memory is ``scalemem.fit`` with the seed's recipe (``--recipe seed``: K₀ = 0.01·normal,
+constant Adam) at ``--steps`` steps and learning rate ``--lr``, which override the recipe's; the
+keys are passed as stored (uint8) with ``key_scale=1/255``, which the memory applies when it
+predicts.
+
 Prints a table and one JSON object (``--json`` prints only the JSON on stdout)::
 
-    python benchmarks/classification.py --data-dir DIR [--steps 1000] [--json]
+    python benchmarks/classification.py --data-dir DIR [--steps 1000] [--recipe seed] [--json]
 
 Needs the ``bench`` extra (scikit-learn).
 """
@@ -48,9 +53,9 @@ def scores(probs: np.ndarray, y: np.ndarray) -> dict:
             "log_loss": float(-np.mean(np.log(p[np.arange(len(y)), y])))}
 
 
-def run_memory(Qf, yf, Qt, yt, *, prototypes, steps, lr, ridge, seed, chunk_rows, say):
+def run_memory(Qf, yf, Qt, yt, *, prototypes, steps, lr, ridge, seed, chunk_rows, recipe, say):
     import scalemem
-    from scalemem._labels import one_hot
+    from scalemem._data import one_hot
 
     t0 = time.perf_counter()
 
@@ -58,15 +63,17 @@ def run_memory(Qf, yf, Qt, yt, *, prototypes, steps, lr, ridge, seed, chunk_rows
         if (r.step + 1) % max(steps // 10, 1) == 0:
             say(f"  step {r.step + 1}/{steps}  train RMSE {r.rmse:.5f}  {r.seconds:.0f} s")
 
-    res = scalemem.fit(Qf, one_hot(yf, 10), prototypes, steps=steps, learning_rate=lr,
-                       ridge=ridge, seed=seed, chunk_rows=chunk_rows, key_scale=1 / 255,
-                       callback=progress)
+    res = scalemem.fit(Qf, one_hot(yf, 10), prototypes, recipe=recipe, steps=steps,
+                       learning_rate=lr, ridge=ridge, seed=seed, chunk_rows=chunk_rows,
+                       key_scale=1 / 255, callback=progress)
     fit_s = time.perf_counter() - t0
-    probs_t = scalemem.predict_in_chunks(res.memory, Qt.astype(np.float32) / 255)
-    probs_f = scalemem.predict_in_chunks(res.memory, Qf.astype(np.float32) / 255)
+    # keys as the fit took them (uint8): the memory applies its key_scale 1/255 itself
+    probs_t = scalemem.predict_in_chunks(res.memory, Qt)
+    probs_f = scalemem.predict_in_chunks(res.memory, Qf)
     return {"model": f"memory P={prototypes}", "test": scores(probs_t, yt),
             "train": scores(probs_f, yf), "seconds": fit_s, "steps": steps,
-            "train_rmse": float(res.rmse[-1]), "solve_events": res.solve_events}
+            "train_rmse": float(res.rmse[-1]), "solve_events": res.solve_events,
+            "residency": res.residency}
 
 
 def run_logistic(Qf, yf, Qt, yt, *, max_iter, seed):
@@ -90,6 +97,9 @@ def main(argv=None) -> int:
     p.add_argument("--prototypes", type=int, default=256, help="P (default 256)")
     p.add_argument("--steps", type=int, default=1000, help="Adam steps (default 1000)")
     p.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate (default 5e-3)")
+    p.add_argument("--recipe", default="seed",
+                   help="scalemem recipe: initial keys and schedule; --steps and --lr override "
+                        "its own (default seed: 0.01·normal keys, constant learning rate)")
     p.add_argument("--ridge", type=float, default=1e-6, help="ridge λ (default 1e-6)")
     p.add_argument("--seed", type=int, default=0, help="seed of K0 and of the baseline")
     p.add_argument("--chunk-rows", type=int, default=4096, help="rows per chunk")
@@ -102,9 +112,11 @@ def main(argv=None) -> int:
 
     Qf, yf, Qt, yt = load(a.data_dir)
     say(f"Fashion-MNIST fit60k ({len(yf)} rows) / test10k ({len(yt)} rows), 78 key pixels")
-    say(f"memory: P={a.prototypes}, {a.steps} Adam steps, lr {a.lr}, ridge {a.ridge}")
+    say(f"memory: P={a.prototypes}, {a.steps} Adam steps, lr {a.lr}, ridge {a.ridge}, "
+        f"recipe {a.recipe}")
     mem = run_memory(Qf, yf, Qt, yt, prototypes=a.prototypes, steps=a.steps, lr=a.lr,
-                     ridge=a.ridge, seed=a.seed, chunk_rows=a.chunk_rows, say=say)
+                     ridge=a.ridge, seed=a.seed, chunk_rows=a.chunk_rows, recipe=a.recipe,
+                     say=say)
     say("logistic regression (standardised keys, lbfgs) …")
     lr = run_logistic(Qf, yf, Qt, yt, max_iter=a.max_iter, seed=a.seed)
     rows = [mem, lr]
@@ -117,7 +129,7 @@ def main(argv=None) -> int:
            "keys": "78 reference key pixels / 255", "values": "labels one-hot (10)",
            "log_loss_note": "memory probabilities clipped to [1e-7, 1] and renormalised",
            "settings": {k: getattr(a, k) for k in ("prototypes", "steps", "lr", "ridge", "seed",
-                                                  "chunk_rows", "max_iter")},
+                                                  "chunk_rows", "max_iter", "recipe")},
            "results": rows}
     print(json.dumps(out) if a.json else json.dumps(out, indent=2))
     return 0

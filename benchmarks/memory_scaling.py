@@ -9,11 +9,13 @@ For each size N a synthetic Zarr store of N rows (78 key columns, 784 value colu
 ``synthetic-N.zarr``, or reused when it is already there (a store is only published once it is
 complete, so an interrupted write leaves nothing to reuse). Then a *fresh* Python process per
 size runs ``--steps`` fit steps at P = ``--prototypes`` streamed from the store (the fit loop
-``scalemem._fit.fit_engine`` with the ``StreamingEngine``, exact two-pass mode, then the final
-statistics pass, as ``fit_source`` does) and reports its own peak resident memory
-(``getrusage(RUSAGE_SELF).ru_maxrss`` and ``VmHWM``), its peak virtual size (``VmPeak``), and the
-time of every step (each step is timed up to ``block_until_ready`` of its new keys). Step 0
-compiles; seconds per step is the mean of steps 1 … steps-1 (the last two with ``--steps 3``).
+``scalemem._engine.fit_engine`` with the one engine's ``StreamedEngine`` on one device, the
+seed's settings (K₀ = 0.01·normal, Adam 5e-4), exact two-pass mode, then the final statistics
+pass, as ``scalemem.fit_source(..., residency="streamed")`` does) and reports its own peak
+resident memory (``getrusage(RUSAGE_SELF).ru_maxrss`` and ``VmHWM``), its peak virtual size
+(``VmPeak``), and the time of every step (each step is timed up to ``block_until_ready`` of its
+new keys). Step 0 compiles; seconds per step is the mean of steps 1 … steps-1 (the last two with
+``--steps 3``).
 
 Acceptance (printed, and in the JSON under ``acceptance``):
 
@@ -91,13 +93,17 @@ def child(a) -> dict:
     import jax  # noqa: PLC0415 - imported after setrlimit on purpose
     import jax.numpy as jnp  # noqa: PLC0415
 
-    from scalemem._fit import default_optimizer, fit_engine, init_keys  # noqa: PLC0415
-    from scalemem._sources import open_source  # noqa: PLC0415
-    from scalemem._streaming import StreamingEngine  # noqa: PLC0415
+    from scalemem import FitConfig  # noqa: PLC0415
+    from scalemem._data import open_source  # noqa: PLC0415
+    from scalemem._engine.engines import StreamedEngine  # noqa: PLC0415
+    from scalemem._engine.fitting import build_engine  # noqa: PLC0415
+    from scalemem._engine.init import normal_keys  # noqa: PLC0415
+    from scalemem._engine.loop import fit_engine  # noqa: PLC0415
+    from scalemem._engine.mesh import replicate  # noqa: PLC0415
+    from scalemem._engine.programs import init_state  # noqa: PLC0415
 
     after_import = _status()
     source = open_source(a.store)
-    opt = default_optimizer(5e-4)
     steps_t: list[float] = []
     steps_cpu: list[float] = []
     rss: list[int] = []
@@ -133,14 +139,23 @@ def child(a) -> dict:
             return self.inner.locate_nonfinite()
 
     with jax.enable_x64(True):
-        K0 = init_keys(a.prototypes, source.key_dim, 0, jnp.float32)
-        engine = StreamingEngine(source, optimizer=opt, ridge=1e-6, chunk_rows=a.chunk_rows,
-                                 chunks_per_block=a.chunks_per_block, dtype=jnp.float32,
-                                 prefetch=a.prefetch)
+        cfg = FitConfig(prototypes=a.prototypes, recipe="seed", steps=a.steps,
+                        residency="streamed", devices=1, chunk_rows=a.chunk_rows,
+                        chunks_per_block=a.chunks_per_block)
+        # build_engine makes the programs' spec (mesh, optimiser, scales, precisions); the
+        # engine is made again on that spec with the read-ahead depth asked for
+        spec = build_engine(source, cfg).spec
+        engine = StreamedEngine(source, spec, ridge=cfg.ridge, chunk_rows=a.chunk_rows,
+                                chunks_per_block=a.chunks_per_block, dtype=jnp.float32,
+                                prefetch=a.prefetch)
+        # replicated over the mesh as the engine's own outputs are (as fit_data does), so that
+        # step 1 runs the programs step 0 compiled
+        K0 = replicate(normal_keys(a.prototypes, source.key_dim, 0, jnp.float32), spec.mesh)
+        state = init_state(K0, spec=spec)
         timed = Timed(engine)
         t_fit = time.perf_counter()
         timed.last, timed.last_cpu = t_fit, cpu()
-        res = fit_engine(timed, K0, opt, steps=a.steps)
+        res = fit_engine(timed, K0, spec.transformation(), steps=a.steps, opt_state=state)
         fit_s = time.perf_counter() - t_fit
     st = _status()
     timed_steps = steps_t[1:] if len(steps_t) > 1 else steps_t
@@ -167,8 +182,7 @@ def child(a) -> dict:
 
 def ensure_store(workdir: Path, rows: int) -> tuple[Path, float | None]:
     """``workdir/synthetic-ROWS.zarr``, written if missing; (path, seconds spent writing)."""
-    from scalemem._sources import open_source  # noqa: PLC0415
-    from scalemem._store import write_synthetic  # noqa: PLC0415
+    from scalemem._data import open_source, write_synthetic  # noqa: PLC0415
 
     path = workdir / f"synthetic-{rows}.zarr"
     if path.exists():

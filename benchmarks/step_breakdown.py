@@ -5,12 +5,18 @@ alone on the same data and device as the whole fused step.
     python benchmarks/step_breakdown.py --data-dir DIR [--split all] [--prototypes 1024]
         [--chunk-rows C] [--warm-steps 50] [--json OUT]
 
-The passes are the engine's own (``InMemoryEngine.passes``). Jitted apart, the two passes each
-compute the softmax (the fused step computes it once when it unrolls its chunks), so the parts
-may add up to more than the step. ``K`` is taken after ``--warm-steps`` Adam steps from the
-seed's initialisation, so the solve sees the conditioning of a running fit. Each phase reports
-its FLOPs (a multiply-add counts 2) and its share of the device's measured float32 matmul rate
-(``throughput.matmul_rate``: HIGHEST precision, the step's own shapes and a 4096² square).
+The engine is the one engine with rows resident on one device
+(``scalemem._engine.fitting.build_engine``, ``residency="resident"``, the seed's settings). The
+passes are the engine's own folds (``scalemem._engine.programs.fold_stats`` and ``fold_grad``)
+over its resident parts (``engine.parts``), each jitted alone under the same ``shard_map`` and
+``psum`` as the engine's step program (``programs.resident_step``); the solve is
+``programs.solve`` and the update ``programs.apply_update``, the programs a streamed step runs.
+Jitted apart, the two passes each compute the softmax (the one-program resident step computes
+it once when it unrolls its chunks), so the parts may add up to more than the step. ``K`` is
+taken after ``--warm-steps`` Adam steps from the seed's initialisation, so the solve sees the
+conditioning of a running fit. Each phase reports its FLOPs (a multiply-add counts 2) and its
+share of the device's measured float32 matmul rate (``throughput.matmul_rate``: HIGHEST
+precision, the step's own shapes and a 4096² square).
 """
 
 from __future__ import annotations
@@ -28,16 +34,38 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import optax
+from jax.sharding import PartitionSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import (TEST_OF, matmul_rate, scalemem_flops,  # noqa: E402
                         scalemem_phase_flops)
 
+from scalemem import ArraySource, FitConfig, _core  # noqa: E402
 from scalemem._core import default_chunk_rows  # noqa: E402
-from scalemem._fit import InMemoryEngine, init_keys  # noqa: E402
-from scalemem._step import solve_and_loss  # noqa: E402
+from scalemem._engine import programs  # noqa: E402
+from scalemem._engine.fitting import build_engine  # noqa: E402
+from scalemem._engine.init import normal_keys  # noqa: E402
+from scalemem._engine.mesh import replicate, smap  # noqa: E402
 from scalemem.datasets import fashion_mnist  # noqa: E402
+
+
+def pass_programs(eng):
+    """``(stats_fn(K, parts) -> Stats, grad_fn(K, V, parts) -> ∂K)``: the two passes of the
+    engine's resident step as programs of their own, over the same mesh and parts."""
+    spec, n = eng.spec, eng.value_dim
+    ax, rep, shard = spec.axis, PartitionSpec(), PartitionSpec(spec.axis)
+
+    def stats_local(K, parts):
+        acc = _core.zero_stats(K.shape[0], n)
+        return jax.lax.psum(programs.fold_stats(K, parts, acc, spec), ax)
+
+    def grad_local(K, V, parts):
+        acc = jnp.zeros(K.shape, jnp.float64)
+        return jax.lax.psum(programs.fold_grad(K, V, parts, acc, spec), ax)
+
+    stats_fn = jax.jit(smap(spec.mesh, stats_local, (rep, shard), rep))
+    grad_fn = jax.jit(smap(spec.mesh, grad_local, (rep, rep, shard), rep))
+    return stats_fn, grad_fn
 
 
 def _time(fn, steps, rounds):
@@ -73,31 +101,27 @@ def main(argv=None):
     chunk = a.chunk_rows or default_chunk_rows(P, jax.default_backend())
     rate, _ = matmul_rate(min(chunk, N), P, n)
     with jax.enable_x64(True):
-        opt = optax.adam(5e-4)
-        eng = InMemoryEngine(Qf, Xf, optimizer=opt, ridge=1e-6, chunk_rows=chunk,
-                             dtype=jnp.float32)
-        K = init_keys(P, m)
-        s = opt.init(K)
+        cfg = FitConfig(prototypes=P, recipe="seed", residency="resident", devices=1,
+                        chunk_rows=chunk)
+        eng = build_engine(ArraySource(Qf, Xf), cfg)
+        spec, ridge, parts = eng.spec, eng.ridge, eng.parts
+        K = replicate(normal_keys(P, m), spec.mesh)  # as the step's outputs
+        s = programs.init_state(K, spec=spec)
         for _ in range(a.warm_steps):
             K, s, out = eng.step(K, s)
         jax.block_until_ready(K)
-        stats_fn, grad_fn = (jax.jit(f) for f in eng.passes)
-        solve = jax.jit(lambda st: solve_and_loss(st, 1e-6))
-        data = eng._data
-        stats = stats_fn(K, *data)
-        V, loss, info, _ = solve(stats)
-        g = grad_fn(K, V, *data)
-
-        @jax.jit
-        def update(K, s, g):
-            u, s = opt.update(g.astype(K.dtype), s, K)
-            return optax.apply_updates(K, u), s
+        stats_fn, grad_fn = pass_programs(eng)
+        stats = stats_fn(K, parts)
+        solved = programs.solve(stats, ridge)  # a StepOut: V, loss, count, info, finite
+        V, info = solved.V, solved.info
+        g = grad_fn(K, V, parts)
 
         times = {
-            "stats": _time(lambda: stats_fn(K, *data), a.steps, a.rounds),
-            "solve": _time(lambda: solve(stats)[0], a.steps, a.rounds),
-            "grad": _time(lambda: grad_fn(K, V, *data), a.steps, a.rounds),
-            "update": _time(lambda: update(K, s, g)[0], a.steps, a.rounds),
+            "stats": _time(lambda: stats_fn(K, parts), a.steps, a.rounds),
+            "solve": _time(lambda: programs.solve(stats, ridge).V, a.steps, a.rounds),
+            "grad": _time(lambda: grad_fn(K, V, parts), a.steps, a.rounds),
+            "update": _time(lambda: programs.apply_update(K, s, g, solved.finite, spec=spec)[0],
+                            a.steps, a.rounds),
             "step": _time(lambda: eng.step(K, s)[0], a.steps, a.rounds),
         }
     chunks = -(-N // eng.chunk_rows)

@@ -11,10 +11,11 @@ written to / reused from ``--workdir`` as ``synthetic-ROWS.zarr``), in one proce
 (b) the stream: ``ChunkStream`` over the same source with the same block size (the engine's: the
     balanced chunk length for ``--chunk-rows`` times ``--chunks-per-block``), consuming blocks as
     fast as possible, each block moved to the device (``device_put``, waited for);
-(c) a streamed statistics pass (``StreamingEngine.final``: the statistics of every block at
-    P = ``--prototypes`` keys, merged, and the ridge solve), the compute-bound pass of a fit step;
-    with ``--resident-max-mb`` it is compared with the same pass over blocks already on the
-    device (the cost of streaming on top of the compute).
+(c) a streamed statistics pass (``StreamedEngine.final`` of the one engine, ``residency=
+    "streamed"`` on one device: the statistics of every block at P = ``--prototypes`` keys,
+    folded, reduced, and the ridge solve), the compute-bound pass of a fit step; with
+    ``--resident-max-mb`` it is compared with the same pass (the same block, reduce and solve
+    programs) over blocks already on the device (the cost of streaming on top of the compute).
 
 (a) and (b) alternate for ``--rounds`` rounds after one untimed warm-up pass (so the page cache
 is equally warm for both; the rates are then decompression-bound, not disk-bound); the median
@@ -53,18 +54,20 @@ def main(argv=None) -> int:
 
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
-    import numpy as np  # noqa: PLC0415
+    from jax.sharding import NamedSharding, PartitionSpec  # noqa: PLC0415
 
-    from scalemem import _core  # noqa: PLC0415
-    from scalemem._fit import default_optimizer, init_keys  # noqa: PLC0415
-    from scalemem._sources import open_source  # noqa: PLC0415
-    from scalemem._stream import ChunkStream  # noqa: PLC0415
-    from scalemem._streaming import StreamingEngine, _stats_block  # noqa: PLC0415
+    from scalemem import FitConfig, _core  # noqa: PLC0415
+    from scalemem._data import ChunkStream, open_source  # noqa: PLC0415
+    from scalemem._engine import programs  # noqa: PLC0415
+    from scalemem._engine.engines import StreamedEngine  # noqa: PLC0415
+    from scalemem._engine.fitting import build_engine  # noqa: PLC0415
+    from scalemem._engine.init import normal_keys  # noqa: PLC0415
+    from scalemem._engine.mesh import replicate  # noqa: PLC0415
 
     if a.store is None:
         if a.workdir is None:
             ap.error("give --store or --workdir (and --rows)")
-        from scalemem._store import write_synthetic  # noqa: PLC0415
+        from scalemem._data import write_synthetic  # noqa: PLC0415
 
         n = int(float(a.rows))
         a.workdir.mkdir(parents=True, exist_ok=True)
@@ -116,11 +119,16 @@ def main(argv=None) -> int:
 
     if a.stats:
         with jax.enable_x64(True):
-            opt = default_optimizer()
-            eng = StreamingEngine(src, optimizer=opt, ridge=1e-6, chunk_rows=a.chunk_rows,
-                                  chunks_per_block=a.chunks_per_block, dtype=jnp.float32,
-                                  prefetch=a.prefetch)
-            K = init_keys(a.prototypes, src.key_dim, 0, jnp.float32)
+            cfg = FitConfig(prototypes=a.prototypes, recipe="seed", residency="streamed",
+                            devices=1, chunk_rows=a.chunk_rows,
+                            chunks_per_block=a.chunks_per_block)
+            # build_engine makes the programs' spec; the engine is made again on that spec with
+            # the read-ahead depth asked for
+            spec = build_engine(src, cfg).spec
+            eng = StreamedEngine(src, spec, ridge=cfg.ridge, chunk_rows=a.chunk_rows,
+                                 chunks_per_block=a.chunks_per_block, dtype=jnp.float32,
+                                 prefetch=a.prefetch)
+            K = replicate(normal_keys(a.prototypes, src.key_dim, 0, jnp.float32), spec.mesh)
             jax.block_until_ready(eng.final(K))  # compile
             t = time.perf_counter()
             jax.block_until_ready(eng.final(K))
@@ -128,15 +136,20 @@ def main(argv=None) -> int:
             out["stats_pass"] = {"seconds": st, "rows_per_s": N / st, "mb_per_s": total_mb / st,
                                  "prototypes": a.prototypes}
             if a.resident_max_mb and total_mb <= a.resident_max_mb:
-                stream = ChunkStream(src, chunk_rows=c, chunks_per_block=k)
-                blocks = [(b.Q, b.X, b.w) for b in stream]
-                scales = dict(key_scale=src.key_scale, value_scale=src.value_scale)
+                # the engine's blocks, laid on its mesh as its streams lay them
+                on_mesh = NamedSharding(spec.mesh, PartitionSpec(spec.axis))
+                stream = ChunkStream(src, chunk_rows=eng.chunk_rows,
+                                     chunks_per_block=eng.chunks_per_block,
+                                     weight_dtype=eng.dtype)
+                blocks = [jax.device_put((b.Q, b.X, b.w), on_mesh) for b in stream]
 
                 def resident():
-                    acc = _core.zero_stats(K.shape[0], src.value_dim)
-                    for Q, X, w in blocks:
-                        acc = _stats_block(acc, K, Q, X, w, **scales)
-                    return jax.block_until_ready(acc)
+                    acc = programs.stream_zeros(K, spec=spec, n=src.value_dim, what="stats")
+                    for block in blocks:
+                        acc = programs.stream_block(acc, K, None, block, spec=spec,
+                                                    what="stats")
+                    stats = programs.stream_reduce(acc, spec=spec)
+                    return jax.block_until_ready(programs.solve(stats, eng.ridge))
 
                 resident()
                 t = time.perf_counter()

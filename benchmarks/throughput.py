@@ -2,24 +2,28 @@
 the device's measured float32 matmul rate, side by side in one run.
 
     python benchmarks/throughput.py --data-dir DIR [--prototypes 64,256,1024]
-        [--splits fit10k,fit60k] [--full-fit 1024:all:1000] [--json OUT]
+        [--splits fit10k,fit60k] [--full-fit 1024:all:1000[:RECIPE]] [--json OUT]
 
 For every (split, P) the two step functions run in alternating rounds (so load on the machine
-hits both alike) and the median round is reported. FLOPs count a multiply-add as 2:
+hits both alike) and the median round is reported. scalemem's step is the one engine's resident
+step (``scalemem._engine.fitting.build_engine`` with ``residency="resident"``, one device, the
+seed's settings: K₀ = 0.01·normal, Adam 5e-4). FLOPs count a multiply-add as 2:
 
 - scalemem, per row: stats pass 2Pm (logits) + 2P² (G) + 2Pn (B); gradient pass 2Pm (logits,
   counted only when the rows span more than ``UNROLL_CHUNKS`` chunks: the engine then scans
   them; up to that many chunks are unrolled and XLA computes each chunk's softmax once for both
-  passes) + 2P² (A·VVᵀ) + 2Pn (X·Vᵀ) + 2Pm (dSᵀQ), with VVᵀ (2P²n) once a step, when P ≤ n; when P > n
-  the gradient takes (A·V − X)·Vᵀ, 4Pn; per step the solve (~P³/3 + 4P²n: two triangular
-  solves and the residual check).
+  passes, a resident step being one program) + 2P² (A·VVᵀ) + 2Pn (X·Vᵀ) + 2Pm (dSᵀQ), with
+  VVᵀ (2P²n) once a step, when P ≤ n; when P > n the gradient takes (A·V − X)·Vᵀ, 4Pn; per step
+  the solve (~P³/3 + 4P²n: two triangular solves and the residual check).
 - prototype, per row: 2Pm + 2P² (AᵀA) + 2Pn (AᵀX) + 2Pn (A·V) + 2Pn ((AV−X)·Vᵀ) + 2Pm; per step
   the LU solve (~2P³/3 + 2P²n).
 
 The matmul rate is the best of float32 products of the step's own shapes (chunk×P)ᵀ(chunk×n),
 (chunk×n)(n×P) and a 4096² square, at HIGHEST precision (true float32, no TF32), on this device.
-``--full-fit P:SPLIT:STEPS`` also runs a complete fit and reports its time per step and RMSE
-(test RMSE on the complementary split, train RMSE for ``all``).
+``--full-fit P:SPLIT:STEPS[:RECIPE]`` also runs a complete ``scalemem.fit`` and reports its time
+per step and RMSE (test RMSE on the complementary split, train RMSE for ``all``); RECIPE is a
+``scalemem.FitConfig`` recipe, ``seed`` (K₀ = 0.01·normal, constant Adam 5e-4, the settings the
+step times use) when left out, ``fast`` for the package's default recipe (its STEPS still apply).
 """
 
 from __future__ import annotations
@@ -47,7 +51,10 @@ import prototype  # noqa: E402
 
 import scalemem  # noqa: E402
 from scalemem._core import default_chunk_rows  # noqa: E402
-from scalemem._fit import UNROLL_CHUNKS, InMemoryEngine, init_keys  # noqa: E402
+from scalemem._engine.fitting import build_engine  # noqa: E402
+from scalemem._engine.init import normal_keys  # noqa: E402
+from scalemem._engine.mesh import replicate  # noqa: E402
+from scalemem._engine.programs import UNROLL_CHUNKS, init_state  # noqa: E402
 from scalemem.datasets import fashion_mnist  # noqa: E402
 
 TEST_OF = {"fit10k": "test60k", "fit60k": "test10k", "all": "all"}
@@ -120,12 +127,13 @@ def step_times(Qf, Xf, P, chunk_rows, steps, rounds):
         return st["p"][0]
 
     with jax.enable_x64(True):
-        sopt = optax.adam(5e-4)
+        # the one engine, rows resident on one device, the seed's settings (Adam 5e-4)
         chunk = chunk_rows or default_chunk_rows(P, jax.default_backend())
-        eng = InMemoryEngine(Qf, Xf, optimizer=sopt, ridge=1e-6, chunk_rows=chunk,
-                             dtype=jnp.float32)
-        K0 = init_keys(P, Qf.shape[1])
-        st["s"] = (K0, sopt.init(K0))
+        cfg = scalemem.FitConfig(prototypes=P, recipe="seed", residency="resident", devices=1,
+                                 chunk_rows=chunk)
+        eng = build_engine(scalemem.ArraySource(Qf, Xf), cfg)
+        K0 = replicate(normal_keys(P, Qf.shape[1]), eng.spec.mesh)  # as the step's outputs
+        st["s"] = (K0, init_state(K0, spec=eng.spec))
 
         def ours():
             K, s, out = eng.step(*st["s"])
@@ -141,20 +149,20 @@ def step_times(Qf, Xf, P, chunk_rows, steps, rounds):
     return statistics.median(tp), statistics.median(ts), -(-len(Qf) // eng.chunk_rows)
 
 
-def full_fit(data_dir, P, split, steps, chunk_rows):
+def full_fit(data_dir, P, split, steps, chunk_rows, recipe="seed"):
     test = TEST_OF[split]
     Qf, Xf, Qt, Xt = fashion_mnist.reference_split(data_dir, split, test)
     t0 = time.perf_counter()
     times = []
-    res = scalemem.fit(Qf, Xf, P, steps=steps, chunk_rows=chunk_rows,
+    res = scalemem.fit(Qf, Xf, P, recipe=recipe, steps=steps, chunk_rows=chunk_rows,
                        callback=lambda r: times.append(r.seconds))
     wall = time.perf_counter() - t0
-    from scalemem._reproduce import test_rmse
 
     per_step = (times[-1] - times[1]) / max(len(times) - 2, 1) if len(times) > 2 else float("nan")
-    return {"prototypes": P, "split": split, "steps": steps, "wall_seconds": wall,
+    return {"prototypes": P, "split": split, "steps": steps, "recipe": recipe,
+            "residency": res.residency, "wall_seconds": wall,
             "seconds_per_step": per_step, "train_rmse": float(res.rmse[-1]),
-            "test_split": test, "test_rmse": test_rmse(res.memory, Qt, Xt),
+            "test_split": test, "test_rmse": scalemem.evaluate(res.memory, Qt, Xt)["rmse"],
             "solve_events": res.solve_events}
 
 
@@ -168,7 +176,8 @@ def main(argv=None):
                     help="rows per chunk (default: scalemem's default for each P)")
     ap.add_argument("--steps", type=int, default=5, help="steps per timed round")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--full-fit", action="append", default=[], help="P:SPLIT:STEPS")
+    ap.add_argument("--full-fit", action="append", default=[],
+                    help="P:SPLIT:STEPS[:RECIPE] (recipe default: seed)")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
     dev = jax.devices()[0]
@@ -198,10 +207,12 @@ def main(argv=None):
                   f"{fs / 1e9:>10.2f} {100 * row['scalemem_fraction_of_rate']:>8.1f}% "
                   f"{100 * row['prototype_fraction_of_rate']:>7.1f}%", flush=True)
     for spec in a.full_fit:
-        P, split, steps = spec.split(":")
-        r = full_fit(a.data_dir, int(P), split, int(steps), a.chunk_rows)
+        P, split, steps, *recipe = spec.split(":")
+        recipe = recipe[0] if recipe else "seed"
+        r = full_fit(a.data_dir, int(P), split, int(steps), a.chunk_rows, recipe)
         res["full_fits"].append(r)
-        print(f"full fit P={P} {split} {steps} steps: {r['seconds_per_step'] * 1e3:.2f} ms/step, "
+        print(f"full fit P={P} {split} {steps} steps ({recipe}): "
+              f"{r['seconds_per_step'] * 1e3:.2f} ms/step, "
               f"wall {r['wall_seconds']:.1f} s, train RMSE {r['train_rmse']:.6f}, "
               f"{r['test_split']} RMSE {r['test_rmse']:.6f}", flush=True)
     if a.json:

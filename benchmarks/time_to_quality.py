@@ -1,5 +1,6 @@
 """Time to quality: wall time until the test RMSE reaches a target, for the seed's prototype,
-scalemem with the seed's settings, scalemem's best settings and two classical peers.
+scalemem with the seed's settings, scalemem's best settings, scalemem's defaults and two
+classical peers.
 
     python benchmarks/time_to_quality.py --data-dir DIR [--splits seed,full] [--json OUT]
 
@@ -7,7 +8,12 @@ Targets (P = 256): the seed split (fit 10k / test 60k) → 0.1195, the prototype
 RMSE there; the full-data split (fit 60k / test 10k) → 0.1167.
 
 Each iterative method is evaluated on the test rows every ``--eval-every`` steps; the clock
-stops while it evaluates, so a time is training time only (compilation included). Methods:
+stops while it evaluates, so a time is training time only (compilation, moving the rows to the
+device and the data-driven initialisation included). The scalemem methods are one
+``scalemem.fit`` call each; the fit loop's checkpoint hook hands over the keys every
+``--eval-every`` steps, ``V`` is solved at them by a resident engine of the fit rows built
+beforehand (programs of its own, so the fit compiles all it needs on its clock), and the last
+evaluation is of the fitted memory. Methods:
 
 - ``prototype``: the seed's code (float32, K₀ = 0.01·normal, Adam 5e-4, LU solve).
   ``--prototype-steps`` (default 1000) steps are run; its time to the target is the training
@@ -15,11 +21,15 @@ stops while it evaluates, so a time is training time only (compilation included)
   the yardstick of the acceptance ratios, is ``train_seconds × 1000 / steps``: on the full
   split ``--prototype-steps-full`` may run fewer steps (its time per step is constant; its
   RMSE there collapses, so it never reaches the target anyway).
-- ``seed``: scalemem with the seed's settings (same init and optimiser, exact float64 solve).
+- ``seed``: scalemem with the seed's settings (``recipe="seed"``: same init and optimiser,
+  exact float64 solve).
 - ``best``: scalemem with k-means++ keys at the exact-loss-optimal scale and Adam with a cosine
-  schedule (``--best-lr``; ``--best-steps`` on the seed split, ``--best-steps-full`` on the
-  full one, where more rows allow more steps before the test error stops improving).
-  ``--seed-steps-full`` caps the seed-settings run on the full split likewise.
+  schedule (``init="kmeans"``, ``schedule="cosine"``, ``--best-lr``; ``--best-steps`` on the
+  seed split, ``--best-steps-full`` on the full one, where more rows allow more steps before
+  the test error stops improving). ``--seed-steps-full`` caps the seed-settings run on the full
+  split likewise.
+- ``default``: ``scalemem.fit`` with every setting at its default (the ``fast`` recipe:
+  k-means++ keys, cosine Adam 1e-2, 35 steps), evaluated every ``--default-eval-every`` steps.
 - ``nystroem``: scikit-learn Nyström RBF features (256 components) + ridge regression, with the
   kernel width and ridge picked on the test set (an optimistic peer), fit time of the picked one.
 - ``knn``: k-nearest-neighbour regression on the keys (k picked on the test set likewise).
@@ -47,13 +57,17 @@ import optax
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import prototype  # noqa: E402
 
-from scalemem._core import default_chunk_rows  # noqa: E402
-from scalemem._fit import InMemoryEngine, _data_init, fit_engine, init_keys  # noqa: E402
-from scalemem._model import Memory  # noqa: E402
-from scalemem._reproduce import test_rmse  # noqa: E402
+import scalemem  # noqa: E402
+from scalemem import ArraySource, FitConfig, Memory  # noqa: E402
+from scalemem._engine.fitting import build_engine  # noqa: E402
 from scalemem.datasets import fashion_mnist  # noqa: E402
 
 SPLITS = {"seed": ("fit10k", "test60k", 0.1195), "full": ("fit60k", "test10k", 0.1167)}
+SCALEMEM_METHODS = ("seed", "best", "default")
+
+
+def test_rmse(memory, Qt, Xt) -> float:
+    return float(scalemem.evaluate(memory, Qt, Xt)["rmse"])
 
 
 def run_prototype(Qf, Xf, Qt, Xt, P, steps, every, target):
@@ -75,34 +89,41 @@ def run_prototype(Qf, Xf, Qt, Xt, P, steps, every, target):
             "steps": steps, "curve": curve}
 
 
-def run_scalemem(Qf, Xf, Qt, Xt, P, steps, every, target, *, init, optimizer):
-    clock, hit, curve = 0.0, None, []
-    t = time.perf_counter()
+def run_scalemem(Qf, Xf, Qt, Xt, P, every, target, **settings):
+    """``scalemem.fit(Qf, Xf, P, **settings)``, its test RMSE every ``every`` steps (and at the
+    end), the clock stopped while evaluating."""
+    # V at the keys handed over: the statistics pass and solve of a resident engine of the fit
+    # rows. Its optimiser is a transformation of its own, so its programs (Spec hashed by the
+    # optimiser's identity) are never the fit's: the fit compiles everything on its own clock.
     with jax.enable_x64(True):
-        eng = InMemoryEngine(Qf, Xf, optimizer=optimizer, ridge=1e-6,
-                             chunk_rows=default_chunk_rows(P, jax.default_backend()), dtype=jnp.float32)
-        if init == "normal":
-            K = init_keys(P, Qf.shape[1])
-        else:
-            K = _data_init(eng, Qf, P, init, 0, False, jnp.dtype(jnp.float32))
-        state, hist = None, None
-        clock += time.perf_counter() - t
-        done = 0
-        while done < steps:
-            t = time.perf_counter()
-            upto = min(done + every, steps)
-            res = fit_engine(eng, K, optimizer, steps=upto, opt_state=state, start_step=done,
-                             history=hist)
-            jax.block_until_ready(res.memory.V)
-            clock += time.perf_counter() - t
-            K, state, hist, done = res.memory.K, res.opt_state, (list(res.loss[:-1]),
-                                                                  list(res.rmse[:-1])), upto
-            r = test_rmse(res.memory, Qt, Xt)
-            curve.append((done, clock, r))
-            if hit is None and r <= target:
-                hit = clock
-    return {"time_to_target": hit, "final_rmse": curve[-1][2], "train_seconds": clock,
-            "steps": steps, "curve": curve}
+        judge = build_engine(ArraySource(Qf, Xf), FitConfig(
+            prototypes=P, residency="resident", devices=1, optimizer="custom"),
+            optimizer=optax.identity())
+    curve, paused = [], [0.0]
+
+    def evaluate(step, clock, K, V=None):
+        K = jnp.asarray(np.asarray(K))
+        if V is None:
+            with jax.enable_x64(True):
+                V = judge.final(K).V
+        curve.append((step, clock, test_rmse(Memory(K, jnp.asarray(V, K.dtype)), Qt, Xt)))
+
+    def checkpoint(state):  # called by the fit loop every `every` steps
+        jax.block_until_ready(state.K)
+        t = time.perf_counter()
+        evaluate(state.step, t - t0 - paused[0], state.K)
+        paused[0] += time.perf_counter() - t
+
+    t0 = time.perf_counter()
+    res = scalemem.fit(Qf, Xf, P, checkpoint=checkpoint, checkpoint_every=every, **settings)
+    jax.block_until_ready(res.memory.V)
+    evaluate(res.config.steps, time.perf_counter() - t0 - paused[0], res.memory.K, res.memory.V)
+    hit = next((c for _, c, r in curve if r <= target), None)
+    cfg = res.config
+    return {"time_to_target": hit, "final_rmse": curve[-1][2], "train_seconds": curve[-1][1],
+            "steps": cfg.steps, "residency": res.residency, "curve": curve,
+            "settings": {"recipe": cfg.recipe, "init": cfg.init, "lr": cfg.learning_rate,
+                         "schedule": cfg.schedule, "steps": cfg.steps}}
 
 
 def run_nystroem(Qf, Xf, Qt, Xt, P):
@@ -145,7 +166,7 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", required=True, type=Path)
     ap.add_argument("--splits", default="seed,full")
-    ap.add_argument("--methods", default="prototype,seed,best,nystroem,knn")
+    ap.add_argument("--methods", default="prototype,seed,best,default,nystroem,knn")
     ap.add_argument("--prototypes", type=int, default=256)
     ap.add_argument("--prototype-steps", type=int, default=1000)
     ap.add_argument("--prototype-steps-full", type=int, default=1000)
@@ -157,6 +178,7 @@ def main(argv=None):
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--best-eval-every", type=int, default=10)
     ap.add_argument("--best-eval-every-full", type=int, default=25)
+    ap.add_argument("--default-eval-every", type=int, default=5)
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
     P = a.prototypes
@@ -177,16 +199,15 @@ def main(argv=None):
                                                       / steps)
         if "seed" in methods:
             steps = a.seed_steps_full if full else a.seed_steps
-            res["seed"] = run_scalemem(Qf, Xf, Qt, Xt, P, steps, a.eval_every, target,
-                                       init="normal", optimizer=optax.adam(5e-4))
+            res["seed"] = run_scalemem(Qf, Xf, Qt, Xt, P, a.eval_every, target, recipe="seed",
+                                       steps=steps)
         if "best" in methods:
             steps = a.best_steps_full if full else a.best_steps
-            sched = optax.cosine_decay_schedule(a.best_lr, steps)
             every = a.best_eval_every_full if full else a.best_eval_every
-            res["best"] = run_scalemem(Qf, Xf, Qt, Xt, P, steps, every,
-                                       target, init="kmeans", optimizer=optax.adam(sched))
-            res["best"]["settings"] = {"init": "kmeans", "lr": a.best_lr, "schedule": "cosine",
-                                       "steps": steps}
+            res["best"] = run_scalemem(Qf, Xf, Qt, Xt, P, every, target, init="kmeans",
+                                       learning_rate=a.best_lr, schedule="cosine", steps=steps)
+        if "default" in methods:
+            res["default"] = run_scalemem(Qf, Xf, Qt, Xt, P, a.default_eval_every, target)
         if "nystroem" in methods:
             res["nystroem"] = run_nystroem(Qf, Xf, Qt, Xt, P)
         if "knn" in methods:
@@ -201,12 +222,12 @@ def main(argv=None):
             print(f"  {k:>10}: final test RMSE {v['final_rmse']:.6f}, time to target {tt}, "
                   f"training {sec:.1f} s", flush=True)
         if "prototype" in res and res["prototype"]["time_to_target"] is not None:
-            for k in ("seed", "best"):
+            for k in SCALEMEM_METHODS:
                 if k in res and res[k]["time_to_target"] is not None:
                     res[f"{k}_over_prototype"] = (res[k]["time_to_target"]
                                                   / res["prototype"]["time_to_target"])
         if "prototype" in res:
-            for k in ("seed", "best"):
+            for k in SCALEMEM_METHODS:
                 if k in res and res[k]["time_to_target"] is not None:
                     res[f"{k}_over_prototype_1000_steps"] = (
                         res[k]["time_to_target"] / res["prototype"]["seconds_1000_steps"])

@@ -1,8 +1,5 @@
-"""Typed errors and warnings.
-
-Every error scalemem raises on purpose is a subclass of :class:`ScalememError`, so a caller can
-catch the whole family with one ``except`` clause and still tell the kinds apart.
-"""
+"""Typed errors and warnings: every error scalemem raises on purpose is a
+:class:`ScalememError`, so one ``except`` clause catches them all."""
 
 from __future__ import annotations
 
@@ -12,14 +9,11 @@ class ScalememError(Exception):
 
 
 class ConfigError(ScalememError, ValueError):
-    """A setting (number of prototypes, ridge, chunk size, ...) is out of its valid range.
-
-    ``field`` names the setting and ``value`` holds what was given.
-    """
+    """A setting (number of prototypes, ridge, chunk size, ...) is out of its valid range;
+    ``field`` names the setting and ``value`` holds what was given."""
 
     def __init__(self, field: str, value: object, why: str):
-        self.field = field
-        self.value = value
+        self.field, self.value = field, value
         super().__init__(f"{field}={value!r}: {why}")
 
 

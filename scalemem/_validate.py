@@ -3,18 +3,18 @@ names the field and the bad value."""
 
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 
+from ._config import check_value
 from ._errors import ConfigError, DataError
 
-__all__ = ["check_int", "check_number", "check_matrix", "check_pair", "check_dtype",
+__all__ = ["check_int", "check_matrix", "check_pair", "check_dtype",
            "check_scale", "check_init", "data_error", "NUMERIC_KINDS"]
 
 # dtype kinds scalemem computes on: bool, signed and unsigned integers, floating point. Complex
 # numbers, strings, bytes, objects, datetimes and structured records are refused.
 NUMERIC_KINDS = "biuf"
+_NUMBER = dict(choices=None, hi=None, nullable=False)
 
 
 def data_error(field: str | None, value, message: str) -> DataError:
@@ -38,31 +38,12 @@ def check_dtype(field: str, dtype, where: str = "", kinds: str = NUMERIC_KINDS) 
 
 
 def check_int(field: str, value, lo: int | None = None, hi: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ConfigError(field, value, "must be an integer")
-    value = int(value)
-    if lo is not None and value < lo:
-        raise ConfigError(field, value, f"must be at least {lo}")
-    if hi is not None and value > hi:
-        raise ConfigError(field, value, f"must be at most {hi}")
-    return value
-
-
-def check_number(field: str, value, lo: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ConfigError(field, value, "must be a real number")
-    value = float(value)
-    if not np.isfinite(value):
-        raise ConfigError(field, value, "must be finite")
-    if lo is not None and value < lo:
-        raise ConfigError(field, value, f"must be at least {lo}")
-    return value
+    return check_value(field, value, dict(_NUMBER, type=int, lo=lo, hi=hi))
 
 
 def check_matrix(field: str, a) -> None:
     """A 2-D array of real numbers (integer or floating point), at least one row."""
-    shape = getattr(a, "shape", None)
-    dtype = getattr(a, "dtype", None)
+    shape, dtype = getattr(a, "shape", None), getattr(a, "dtype", None)
     if shape is None or dtype is None:
         raise data_error(field, type(a).__name__, f"{field}: expected an array with .shape and "
                          f".dtype, got {type(a).__name__}")
@@ -85,9 +66,7 @@ def check_pair(Q, X, keys: str = "keys", values: str = "values") -> int:
 
 def check_scale(field: str, value) -> float | None:
     """``None`` or a finite, non-zero real number (a scale applied to keys or values)."""
-    if value is None:
-        return None
-    value = check_number(field, value)
+    value = check_value(field, value, dict(_NUMBER, type=float, lo=None, nullable=True))
     if value == 0.0:
         raise ConfigError(field, value, "must be non-zero (it multiplies the data)")
     return value

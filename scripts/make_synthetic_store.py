@@ -2,7 +2,7 @@
 """Write a synthetic scalemem store of any size, generated and written block by block.
 
 Keys are a random projection of a Gaussian latent plus noise; values are a smooth nonlinear
-function of the latent plus noise (see ``scalemem._store.write_synthetic``). The store records
+function of the latent plus noise (see ``scalemem._data.write_synthetic``). The store records
 default views and ``all``/``fit``/``test`` splits, so ``open_source(OUT)`` and ``fit_source``
 work on it directly. Memory use is a few row blocks, whatever ``--rows`` is.
 
@@ -19,7 +19,7 @@ import sys
 import time
 
 from scalemem._errors import ScalememError
-from scalemem._store import FORMATS, write_synthetic
+from scalemem._data.writer import FORMATS, write_synthetic
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,12 @@
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# the CLI keeps compiled programs in the user's cache folder: tests (and the processes they
+# start, which inherit the environment) use a folder of their own
+os.environ.setdefault("SCALEMEM_CACHE_DIR", tempfile.mkdtemp(prefix="scalemem-test-cache-"))
 
 
 def fashion_mnist_dir() -> Path | None:

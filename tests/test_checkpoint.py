@@ -1,8 +1,10 @@
 """Checkpoints, exact resume, refusals and clean stops of ``scalemem fit``.
 
 The subprocess tests run ``python -m scalemem fit`` on a small synthetic store (2572 fit rows,
-6 key and 5 value columns, P = 8, 60 steps, a checkpoint after every step). They share a JAX
-persistent compilation cache, so only the first process pays for the XLA compiles.
+6 key and 5 value columns, P = 8, the seed recipe for 60 steps at lr 0.02, a checkpoint after
+every step). They share a JAX persistent compilation cache in a temporary folder
+(``SCALEMEM_CACHE_DIR``), so only the first process pays for the XLA compiles; the in-process
+fits pass ``--no-compile-cache``. Nothing is written to the user's cache.
 """
 
 from __future__ import annotations
@@ -23,16 +25,20 @@ import optax
 import pytest
 
 import scalemem
-from scalemem import CheckpointError, cli
-from scalemem._checkpoint import CheckpointManager
-from scalemem._fit import LoopState
-from scalemem._modelio import read_metadata
-from scalemem._store import write_synthetic
+from scalemem import CheckpointError, read_metadata
+from scalemem._data import write_synthetic
+from scalemem._engine import LoopState
+from scalemem._run import cli
+from scalemem._run.checkpoint import CheckpointManager
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 60
-FIT = ["--rows", "fit", "--prototypes", "8", "--steps", str(STEPS), "--lr", "0.02",
-       "--chunk-rows", "4096", "--checkpoint-every", "1", "--quiet"]
+# the seed recipe (0.01·normal keys, constant Adam) with the steps and lr given: a constant
+# schedule, so the path up to a step does not depend on the number of steps
+FIT = ["--rows", "fit", "--prototypes", "8", "--recipe", "seed", "--steps", str(STEPS),
+       "--learning-rate", "0.02", "--chunk-rows", "4096", "--checkpoint-every", "1", "--quiet"]
+# in-process fits: never write to the user's compile cache
+NO_CACHE = "--no-compile-cache"
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +50,8 @@ def store(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict:
     cache = tmp_path_factory.mktemp("xla-cache")
-    e = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    # the CLI's compile cache (SCALEMEM_CACHE_DIR) in a temporary folder shared by the processes
+    e = dict(os.environ, JAX_PLATFORMS="cpu", SCALEMEM_CACHE_DIR=str(cache),
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     e["PYTHONPATH"] = os.pathsep.join([str(REPO), e.get("PYTHONPATH", "")])
     return e
@@ -135,21 +141,25 @@ def test_sigkill_at_five_random_steps_then_resume_is_bit_identical(store, env, t
 
 @pytest.fixture(scope="module")
 def short_run(store, tmp_path_factory) -> Path:
-    """A finished 4-step run with checkpoints after steps 1, 2, 3 (fitted in this process)."""
+    """A finished 4-step run with checkpoints after steps 1, 2, 3 (fitted in this process;
+    the default recipe, so a cosine schedule over its 4 steps)."""
     run = tmp_path_factory.mktemp("short") / "run"
     assert cli.main(["fit", str(store), "--rows", "fit", "--prototypes", "4", "--steps", "4",
-                     "--checkpoint-every", "1", "--quiet", "--out", str(run)]) == 0
+                     "--checkpoint-every", "1", "--quiet", "--out", str(run), NO_CACHE]) == 0
+    assert json.loads((run / "config.json").read_text())["schedule"] == "cosine"
     return run
 
 
 @pytest.mark.parametrize("flags, field", [
-    (["--lr", "0.5"], "lr"),
+    (["--learning-rate", "0.5"], "learning_rate"),
     (["--prototypes", "5"], "prototypes"),
     (["--ridge", "1e-3"], "ridge"),
     (["--rows", "0:2000"], "rows"),
+    # a cosine schedule decays over the steps: the path depends on their number
+    (["--steps", "6"], "steps"),
 ])
 def test_resume_refuses_a_checkpoint_of_another_config(short_run, flags, field, capsys):
-    from scalemem._run import fit_run
+    from scalemem._run.runs import fit_run
 
     ns = cli.build_parser().parse_args(["fit", "--resume", str(short_run), *flags])
     given = {k: v for k, v in vars(ns).items() if not k.startswith("_")}
@@ -193,7 +203,7 @@ def test_pickle_payloads_are_refused_without_running_them(short_run, tmp_path, c
     assert control.exists()
 
     marker = tmp_path / "PWNED"
-    meta = np.frombuffer(json.dumps({"format": "scalemem-model", "version": 1}).encode(),
+    meta = np.frombuffer(json.dumps({"format": "scalemem-model", "version": 2}).encode(),
                          np.uint8)
     evil = np.array([_Payload(marker)], dtype=object)
     model = tmp_path / "model.npz"
@@ -261,7 +271,7 @@ def test_sigint_writes_a_checkpoint_and_says_how_to_resume(store, short_run, tmp
     t.start()
     try:
         rc = cli.main(["fit", str(store), "--rows", "fit", "--prototypes", "4", "--steps",
-                       "100000", "--out", str(run), "--quiet"])
+                       "100000", "--out", str(run), "--quiet", NO_CACHE])
     finally:
         finished.set()  # never signal this process after the fit has returned
         t.join()

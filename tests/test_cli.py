@@ -12,11 +12,15 @@ import numpy as np
 import pytest
 
 import scalemem
-from scalemem import ConfigError, cli
-from scalemem._store import StoreWriter
+from scalemem import ConfigError
+from scalemem._data import StoreWriter
+from scalemem._run import cli
 
 N, FIT_ROWS = 2000, 1600
-FIT = ["--rows", "fit", "--prototypes", "16", "--lr", "0.1", "--quiet"]
+# the seed recipe (0.01·normal keys, constant Adam) at lr 0.1, as before the default became
+# 'fast'; --no-compile-cache: in-process fits never write to the user's compile cache
+FIT = ["--rows", "fit", "--prototypes", "16", "--recipe", "seed", "--learning-rate", "0.1",
+       "--no-compile-cache", "--quiet"]
 
 
 def _image_store(path: Path, seed: int = 0, format: str = "zarr") -> Path:
@@ -70,12 +74,23 @@ def test_help_explains_every_option(argv, capsys):
     assert e.value.code == 0
     text = capsys.readouterr().out
     assert "usage: scalemem" in text
-    cmd = cli._BY_KEY.get(" ".join(argv))
-    for opt in (cmd.opts if cmd else []):
-        shown = opt.metavar if opt.positional else opt.flag_text
-        assert shown in text, f"{shown} missing from `scalemem {' '.join(argv)} --help`"
-        if opt.toml:
-            assert f"[config: {opt.name}]" in " ".join(text.split()), opt.name
+    cmd = next((c for c in cli.COMMANDS if c.key == " ".join(argv)), None)
+    assert (cmd is None) == (argv in ([], ["data"])), argv  # every subcommand is a Command
+    words = " ".join(text.split())
+    for f in (cmd.fields() if cmd else []):
+        meta = f.metadata
+        flag = meta["flag"] or "--" + f.name.replace("_", "-")
+        if meta["positional"]:
+            shown = [meta["metavar"]]
+        elif meta["type"] is bool:
+            shown = [f"{flag}, --no-{flag[2:]}"]
+        else:
+            shown = [f"{flag} {meta['metavar']}" if meta["metavar"] else flag]
+        for s in shown:
+            assert s in text, f"{s} missing from `scalemem {' '.join(argv)} --help`"
+        assert " ".join(meta["help"].split()[:3]) in words, f.name  # its help text is shown
+        if meta["toml"]:
+            assert f"[config: {f.name}]" in words, f.name
 
 
 # -------------------------------------------------------------------------------------- config
@@ -97,17 +112,20 @@ checkpoint-every = 2   # dashes or underscores
 [fit]
 prototypes = 16
 chunks_per_block = 2
-lr = 0.1
+learning_rate = 0.1
 rows = "fit"
 quiet = true
+compile-cache = false  # never write to the user's compile cache
 
 [eval]
 rows = "test"
 """)
-    cfg = _resolve(["fit", "--config", str(toml), "--lr", "0.05", "--out", str(tmp_path / "r")])
+    cfg = _resolve(["fit", "--config", str(toml), "--learning-rate", "0.05", "--out",
+                    str(tmp_path / "r")])
     assert cfg["store"] == str(store) and cfg["steps"] == 7 and cfg["prototypes"] == 16
     assert cfg["chunks_per_block"] == 2 and cfg["checkpoint_every"] == 2 and cfg["rows"] == "fit"
-    assert cfg["lr"] == 0.05  # the flag wins over the [fit] table
+    assert cfg["learning_rate"] == 0.05  # the flag wins over the [fit] table
+    assert cfg["compile_cache"] is False and cfg["recipe"] == "fast"  # the default recipe
     assert cfg["ridge"] == 1e-6  # untouched: the default
     assert "plots" not in cfg
     ev = _resolve(["eval", "r", "--config", str(toml)])
@@ -115,12 +133,14 @@ rows = "test"
     assert _resolve(["eval", "r", "--config", str(toml), "--no-plots"])["plots"] is False
 
     # the fit records the resolved config in the run folder
-    rc, res, _ = _json_run(capsys, ["fit", "--config", str(toml), "--lr", "0.05", "--out",
-                                    str(tmp_path / "r"), "--json"])
+    rc, res, _ = _json_run(capsys, ["fit", "--config", str(toml), "--learning-rate", "0.05",
+                                    "--out", str(tmp_path / "r"), "--json"])
     assert rc == 0 and res["steps"] == 7
     saved = json.loads((tmp_path / "r" / "config.json").read_text())
-    assert (saved["steps"], saved["prototypes"], saved["lr"], saved["chunks_per_block"]) == (
-        7, 16, 0.05, 2)
+    assert (saved["steps"], saved["prototypes"], saved["learning_rate"],
+            saved["chunks_per_block"]) == (7, 16, 0.05, 2)
+    # the recipe is recorded resolved: the settings that were not given are the recipe's
+    assert (saved["recipe"], saved["init"], saved["schedule"]) == ("fast", "kmeans", "cosine")
     assert saved["keys"] == "pixels[@key_columns]/255" and saved["values"] == "pixels/255"
 
 
@@ -128,7 +148,8 @@ rows = "test"
     ("bogus = 1", "bogus"),                    # not an option of any command
     ("[fit]\nplots = true", "plots"),          # an option, but not of fit
     ("[fit]\nprototypes = 'five'", "prototypes"),  # wrong type
-    ("[fit]\nlr = true", "lr"),
+    ("[fit]\nlearning_rate = true", "learning_rate"),
+    ("[fit]\nlr = 0.1", "lr"),                 # the old name of learning_rate: not a setting
     ("steps = [", "config"),                   # not TOML
 ])
 def test_config_errors_name_the_setting(tmp_path, text, field):
@@ -199,7 +220,9 @@ def test_eval_predict_round_trip(tmp_path, store, pixel_run, capsys):
 
     memory = scalemem.load(pixel_run)
     assert isinstance(memory, scalemem.Memory) and memory.K.shape == (16, 78)
-    got = np.asarray(jax.jit(lambda m, q: m.predict(q))(memory, Q.astype(np.float32) / 255))
+    # the model keeps the key view's scale: predict takes the stored uint8 pixels
+    assert memory.key_scale == pytest.approx(1 / 255)
+    got = np.asarray(jax.jit(lambda m, q: m.predict(q))(memory, Q))
     # float32 matmuls at default vs HIGHEST precision (equal on CPU up to summation order)
     np.testing.assert_allclose(got, pred, rtol=0, atol=1e-5)
 
@@ -213,9 +236,7 @@ def test_save_and_load_round_trip(tmp_path):
     back = scalemem.load(path)
     np.testing.assert_array_equal(back.K, m.K)  # stored exactly
     np.testing.assert_array_equal(back.V, m.V)
-    from scalemem._modelio import read_metadata
-
-    meta = read_metadata(path)
+    meta = scalemem.read_metadata(path)
     assert meta["note"] == "hi" and meta["array"] == [0, 1, 2]
     assert meta["format"] == "scalemem-model"
     with pytest.raises(scalemem.CheckpointError, match="scalemem fit --resume"):
@@ -291,26 +312,34 @@ def _report(step, steps=10, seconds=None):
                       seconds if seconds is not None else 1.0 + 0.5 * step)
 
 
-def test_progress_bar_shows_step_loss_rate_and_eta():
-    from scalemem._progress import ProgressBar
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
 
-    buf = io.StringIO()
-    bar = ProgressBar(stream=buf, force=True, max_hz=0)
+
+def test_progress_bar_shows_step_loss_rate_and_eta():
+    from scalemem._run.progress import ProgressBar
+
+    buf = _Terminal()
+    bar = ProgressBar(stream=buf)
     for t in range(3):
         bar(_report(t))
     bar.close()
-    line = bar.last_line
+    line = buf.getvalue().split("\r")[-1]  # the last state, drawn on close
     # 0.5 s per step after the first: 2000 rows/s, 7 steps left: 3.5 s
-    assert "step 3/10" in line and "loss 0.6667" in line and "2k rows/s" in line
-    assert "ETA 0:04" in line
+    assert "step 3/10" in line and "loss 0.6667" in line and "2.00k rows/s" in line
+    assert "ETA 00:03" in line
     assert buf.getvalue().endswith("\n") and "\r" in buf.getvalue()
     quiet = io.StringIO()
     ProgressBar(stream=quiet)(_report(0))  # StringIO is not a terminal: nothing is drawn
     assert quiet.getvalue() == ""
+    off = _Terminal()
+    ProgressBar(enabled=False, stream=off)(_report(0))  # --quiet: nothing is drawn
+    assert off.getvalue() == ""
 
 
 def test_metrics_lines(tmp_path):
-    from scalemem._metrics import MetricsWriter, read_metrics, truncate_metrics
+    from scalemem._run.metrics import MetricsWriter, read_metrics, truncate_metrics
 
     with MetricsWriter(tmp_path / "metrics.jsonl", seconds_offset=10.0) as w:
         for t in range(4):

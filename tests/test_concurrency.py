@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import scalemem
-from scalemem._store import StoreWriter
+from scalemem._data import StoreWriter
 
 ROWS, WIDTH, CHUNK, BLOCK = 20_000, 16, 1024, 1500  # blocks straddle chunk boundaries
 PROCESSES = 4
@@ -41,7 +41,7 @@ def _digest(blocks) -> str:
 def _read_everything(path, seed: int) -> dict:
     """Digests of all rows read (a) in blocks, in a random order, reassembled in row order and
     (b) through the read-ahead block stream."""
-    from scalemem._stream import ChunkStream
+    from scalemem._data import ChunkStream
 
     src = scalemem.open_source(path)
     try:

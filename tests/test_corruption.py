@@ -28,7 +28,7 @@ import zarr
 
 import scalemem
 from scalemem import CheckpointError, DataError, NonFiniteDataError
-from scalemem._store import StoreWriter
+from scalemem._data import StoreWriter
 
 ROWS, WIDTH, CHUNK = 512, 6, 64  # 8 chunks of 64 rows
 DATA = np.random.default_rng(3).standard_normal((ROWS, WIDTH)).astype(np.float32)
@@ -288,7 +288,9 @@ def test_corrupted_chunk_stops_a_streamed_fit(store):
     src = scalemem.open_source(path)
     t = time.perf_counter()
     with pytest.raises(DataError) as e:
-        scalemem.fit_source(src, 3, steps=2, chunk_rows=CHUNK, chunks_per_block=2)
+        # recipe "seed": normal initial keys, so the first read of the data is the stream's
+        scalemem.fit_source(src, 3, steps=2, chunk_rows=CHUNK, chunks_per_block=2,
+                            residency="streamed", recipe="seed")
     assert time.perf_counter() - t < 60  # includes compiling the block functions
     assert str(path) in str(e.value)
     src.close()
@@ -306,7 +308,7 @@ def test_nonfinite_value_stops_the_fit_and_reaches_nothing(store, tmp_path, bad)
     saved = []
     with pytest.raises(NonFiniteDataError) as e:
         scalemem.fit_source(src, 3, steps=5, chunk_rows=CHUNK, checkpoint=saved.append,
-                            checkpoint_every=1)
+                            checkpoint_every=1, residency="streamed", recipe="seed")
     err = e.value
     assert (err.source, err.array, err.row, err.chunk) == (str(path), "x", 300, 4)
     for text in (str(path), "'x'", "row 300", "chunk 4"):
@@ -319,16 +321,19 @@ def test_a_nonfinite_step_leaves_k_unchanged():
     """The step guard itself: statistics of NaN data give finite=False and K back unchanged."""
     import jax
 
-    from scalemem._fit import InMemoryEngine, init_keys
+    from scalemem._engine import normal_keys
+    from scalemem._engine.fitting import build_engine
+    from scalemem._engine.programs import init_state
 
     Q = DATA[:, :2].copy()
     Q[10, 1] = np.nan
     opt = optax.adam(1e-2)
     with jax.enable_x64(True):
-        eng = InMemoryEngine(Q, DATA, optimizer=opt, ridge=1e-6, chunk_rows=CHUNK,
-                             dtype=jnp.float32)
-        K = init_keys(3, 2)
-        st = opt.init(K)
+        cfg = scalemem.FitConfig(prototypes=3, chunk_rows=CHUNK, optimizer="custom",
+                                 recipe="seed", residency="resident")
+        eng = build_engine(scalemem.ArraySource(Q, DATA), cfg, optimizer=opt)
+        K = normal_keys(3, 2)
+        st = init_state(K, spec=eng.spec)
         K2, st2, out = eng.step(K, st)
     assert not bool(out.finite)
     np.testing.assert_array_equal(K2, K)
@@ -340,7 +345,7 @@ def test_a_nonfinite_step_leaves_k_unchanged():
 
 @pytest.mark.parametrize("what", ["K", "V"])
 def test_saving_a_nonfinite_model_is_refused(tmp_path, what):
-    from scalemem import _modelio
+    from scalemem._engine import modelio as _modelio
 
     good = scalemem.Memory(jnp.ones((3, 2)), jnp.ones((3, 4)))
     path = _modelio.save(good, tmp_path / "model.npz")
@@ -353,8 +358,8 @@ def test_saving_a_nonfinite_model_is_refused(tmp_path, what):
 
 
 def test_checkpointing_a_nonfinite_k_is_refused(tmp_path):
-    from scalemem._checkpoint import CheckpointManager
-    from scalemem._fit import LoopState
+    from scalemem._engine import LoopState
+    from scalemem._run.checkpoint import CheckpointManager
 
     mgr = CheckpointManager(tmp_path / "checkpoints")
     K = jnp.ones((3, 2), jnp.float32)
@@ -441,7 +446,7 @@ def _fail_midway(real_savez):
 
 @pytest.mark.parametrize("how", ["write", "fsync", "replace"])
 def test_disk_full_while_saving_a_model(tmp_path, monkeypatch, how):
-    from scalemem import _modelio
+    from scalemem._engine import modelio as _modelio
 
     first = scalemem.Memory(jnp.arange(6.0).reshape(3, 2), jnp.arange(12.0).reshape(3, 4))
     path = _modelio.save(first, tmp_path / "model.npz")
@@ -464,9 +469,9 @@ def test_disk_full_while_saving_a_model(tmp_path, monkeypatch, how):
 def test_disk_full_midway_through_a_checkpoint(tmp_path, monkeypatch):
     """(Failures of os.replace and os.fsync are covered in tests/test_checkpoint.py.) A write
     that fails part way leaves the previous checkpoint loadable bit for bit."""
-    from scalemem import _modelio
-    from scalemem._checkpoint import CheckpointManager
-    from scalemem._fit import LoopState
+    from scalemem._engine import LoopState
+    from scalemem._engine import modelio as _modelio
+    from scalemem._run.checkpoint import CheckpointManager
 
     mgr = CheckpointManager(tmp_path / "checkpoints")
     K = jnp.asarray(np.random.default_rng(0).standard_normal((3, 2)), jnp.float32)

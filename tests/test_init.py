@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import scalemem
-from scalemem._init import kmeans_pp
+from scalemem._engine import kmeans_pp
 
 
 def _clusters(N=1200, m=4, n=3, k=6, seed=0):
@@ -28,14 +28,15 @@ def test_kmeans_pp_finds_separated_clusters():
 @pytest.mark.parametrize("init", ["kmeans", "sample"])
 def test_data_init_starts_far_below_the_seed_init(init):
     Q, X, _ = _clusters()
-    seed_init = scalemem.fit(Q, X, 6, steps=0)
-    data_init = scalemem.fit(Q, X, 6, steps=0, init=init)
+    seed_init = scalemem.fit(Q, X, 6, steps=0, recipe="seed")  # K0 = 0.01·normal
+    data_init = scalemem.fit(Q, X, 6, steps=0, init=init, recipe="seed")
     assert data_init.loss[0] < 0.7 * seed_init.loss[0]
 
 
 def test_key_bias_gives_a_memory_with_bias_that_predicts_like_the_fit():
     Q, X, _ = _clusters()
-    res = scalemem.fit(Q, X, 6, steps=20, init="kmeans", key_bias=True, learning_rate=1e-2)
+    res = scalemem.fit(Q, X, 6, steps=20, init="kmeans", key_bias=True, learning_rate=1e-2,
+                       recipe="seed")
     mem = res.memory
     assert mem.K.shape == (6, Q.shape[1]) and mem.bias.shape == (6,)
     pred = np.asarray(jax.jit(lambda m, q: m(q))(mem, Q))

@@ -22,8 +22,8 @@ import pytest
 
 import scalemem
 from scalemem import NumericsWarning, _core
-from scalemem._fit import fit_engine
-from scalemem._step import StepOut, solve_and_loss
+from scalemem._core import StepOut, solve_and_loss
+from scalemem._engine import fit_engine, normal_keys
 
 OFFSET = 1e3
 
@@ -139,11 +139,11 @@ def test_offset_gradient_matches_float64():
 def test_float32_fit_on_offset_values_tracks_float64():
     """End to end: the float32 fit of offset values reports the float64 fit's losses."""
     Q, X = _offset_block(3, 4000, m=3, n=2)
-    K0 = np.asarray(scalemem.init_keys(5, 3))
-    kw = dict(steps=5, learning_rate=1e-2, chunk_rows=1024)
+    K0 = np.asarray(normal_keys(5, 3))
+    kw = dict(steps=5, learning_rate=1e-2, chunk_rows=1024, recipe="seed")
     r32 = scalemem.fit(Q, X, 5, init=K0, **kw)
     r64 = scalemem.fit(Q.astype(np.float64), X.astype(np.float64), 5,
-                       init=K0.astype(np.float64), **kw)
+                       init=K0.astype(np.float64), dtype="float64", **kw)
     # 1e-5: float32 chunk products (~1e-7 relative to the spread, see above) amplified by five
     # Adam steps; before the fix the float32 losses were off by tens of per cent. (V itself is
     # not compared: at the nearly uniform initial attention G + λI has a condition number ~1e8,
@@ -210,7 +210,7 @@ def test_ill_conditioned_solve_is_finite_and_warns(cond):
     assert np.linalg.norm(G @ V - B) <= 1e-6 * np.linalg.norm(B)
     with jax.enable_x64(True), pytest.warns(NumericsWarning, match=r"condition number ~\d"):
         res = fit_engine(_StatsEngine(G, B), jnp.zeros((20, 2)), optax.sgd(0.1), steps=2)
-    assert np.isfinite(np.asarray(res.memory.V)).all() and np.isfinite(res.loss).all()
+    assert np.isfinite(np.asarray(res.V)).all() and np.isfinite(res.loss).all()
     assert res.solve_events == 3  # two steps and the final solve
 
 
@@ -232,7 +232,8 @@ def test_duplicate_prototypes_with_zero_ridge():
     K0 = 0.5 * rng.standard_normal((4, 3))
     K0 = np.vstack([K0, K0[:2]]).astype(np.float32)  # prototypes 4, 5 duplicate 0, 1
     with pytest.warns(NumericsWarning) as rec:
-        res = scalemem.fit(Q, X, 6, steps=3, ridge=0.0, init=K0, learning_rate=1e-2)
+        res = scalemem.fit(Q, X, 6, steps=3, ridge=0.0, init=K0, learning_rate=1e-2,
+                           recipe="seed")
     assert sum(issubclass(w.category, NumericsWarning) for w in rec) == 1  # once per fit
     assert res.solve_events >= 1
     K, V = np.asarray(res.memory.K), np.asarray(res.memory.V)
@@ -269,7 +270,8 @@ def test_logits_scaled_by_1e4_give_finite_loss_and_gradient(dtype):
     # 1e-5: float32 weights (exactly one-hot up to rounding) against float64 sums
     assert abs(float(loss) - direct) <= 1e-5 * direct
     # the fit loop on such keys stays finite too, and so does the memory's own gradient
-    res = scalemem.fit(Q, X, 6, steps=3, init=K, learning_rate=1e-2)
+    res = scalemem.fit(Q, X, 6, steps=3, init=K, learning_rate=1e-2, recipe="seed",
+                       dtype=np.dtype(dtype).name)
     assert np.isfinite(res.loss).all() and np.isfinite(np.asarray(res.memory.K)).all()
     mem = scalemem.Memory(jnp.asarray(K, jnp.float32), jnp.asarray(V, jnp.float32))
     grad = jax.grad(lambda m: jnp.sum((jnp.asarray(X, jnp.float32) - m(Q)) ** 2))(mem)
@@ -284,5 +286,5 @@ def test_overflowing_logits_of_finite_data_are_reported_as_overflow():
     X = rng.standard_normal((64, 2)).astype(np.float32)
     K0 = (100.0 * rng.standard_normal((3, 2))).astype(np.float32)
     with pytest.raises(scalemem.NonFiniteDataError, match="overflow") as e:
-        scalemem.fit(Q, X, 3, steps=2, init=K0)
+        scalemem.fit(Q, X, 3, steps=2, init=K0, recipe="seed")
     assert e.value.row is None and e.value.source == "memory"

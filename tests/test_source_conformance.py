@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 
 from scalemem._errors import ConfigError, DataError
-from scalemem._source import Source
-from scalemem._sources import (ArraySource, View, open_source, parse_view, store_format)
-from scalemem._store import StoreWriter
+from scalemem._data import (ArraySource, Source, StoreWriter, View, open_source, parse_view,
+                            store_format)
 
 N, WIDTH = 300, 40
 KEY_COLUMNS = np.array([33, 2, 17, 5, 39, 0, 21], np.int32)

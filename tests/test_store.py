@@ -12,8 +12,7 @@ import pytest
 import zarr
 
 from scalemem._errors import ConfigError, DataError
-from scalemem._sources import open_source
-from scalemem._store import StoreWriter, default_chunk_rows, write_fashion_mnist
+from scalemem._data import StoreWriter, default_chunk_rows, open_source, write_fashion_mnist
 from scalemem.datasets import fashion_mnist as fm
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "make_synthetic_store.py"

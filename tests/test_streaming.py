@@ -11,10 +11,12 @@ import pytest
 
 import scalemem
 from scalemem._errors import ConfigError, DataError, NonFiniteDataError
-from scalemem._sources import ArraySource, open_source
-from scalemem._store import StoreWriter
-from scalemem._stream import READER_THREAD_NAME, ChunkStream
-from scalemem._streaming import evaluate_source, fit_source
+from scalemem._data import READER_THREAD_NAME, ArraySource, ChunkStream, StoreWriter, open_source
+
+
+def fit_source(source, prototypes, **settings):
+    """The streaming engine: ``scalemem.fit_source`` with the rows streamed from the source."""
+    return scalemem.fit_source(source, prototypes, residency="streamed", **settings)
 
 
 class CountingSource:
@@ -119,8 +121,9 @@ def test_cursor_resumes_a_pass():
 # ---- fitting -----------------------------------------------------------------------------------
 
 ROWS, P, STEPS = 3000, 8, 20
-# chunk_rows=400 gives balanced chunks of 376 rows: 8 chunks, the last one with 8 padding rows
-FIT = dict(steps=STEPS, learning_rate=1e-2, chunk_rows=400)
+# chunk_rows=400 gives balanced chunks of 376 rows: 8 chunks, the last one with 8 padding rows;
+# the seed recipe (0.01·normal keys, constant Adam) and float64 compute for the float64 data
+FIT = dict(steps=STEPS, learning_rate=1e-2, chunk_rows=400, recipe="seed", dtype="float64")
 
 
 def _synthetic(rows=ROWS, m=6, n=10, seed=0):
@@ -156,10 +159,12 @@ def test_streamed_fit_equals_in_memory_fit(synthetic, backend, tmp_path):
         meta = {"views": {"keys": "keys", "values": "values"}}
         src = open_source(_store(tmp_path / "s", backend, {"keys": Q, "values": X}, meta))
     res = fit_source(src, P, chunks_per_block=3, **FIT)  # 3 blocks, the last one padded
-    # Both engines form every float64 sum in the same order, so on one device they agree
-    # bitwise; 1e-6 (the stated requirement) leaves room for XLA compiling the per-block and
-    # whole-data scans with different fusion, whose ~1e-16 rounding changes are amplified by
-    # cond(G + λI) (up to ~1e9 here at ridge 1e-6 and near-uniform attention).
+    assert (ref.residency, res.residency) == ("resident", "streamed")
+    # Both engines sum in float64 chunk after chunk, but the resident one centres its values
+    # per chunk once (and its last chunk is shorter) while the stream centres each chunk as it
+    # arrives and pads the last block, so their sums differ by ~1e-16 rounding, amplified by
+    # cond(G + λI) (up to ~1e9 here at ridge 1e-6 and near-uniform attention): measured ~1e-8
+    # on K and V; 1e-6 is the stated requirement.
     np.testing.assert_allclose(res.memory.K, ref.memory.K, rtol=1e-6)
     np.testing.assert_allclose(res.memory.V, ref.memory.V, rtol=1e-6)
     np.testing.assert_allclose(res.loss, ref.loss, rtol=1e-6)
@@ -178,21 +183,21 @@ def test_uint8_views_scaled_on_device_equal_in_memory_fit(tmp_path):
         w.meta.update(views={"keys": "pixels[@key_columns]/255", "values": "pixels/255"},
                       splits={"fit": [0, 1000]})
     src = open_source(path, rows="fit")
-    kw = dict(steps=10, learning_rate=1e-2, chunk_rows=128, ridge=1e-3)
+    kw = dict(steps=10, learning_rate=1e-2, chunk_rows=128, ridge=1e-3, recipe="seed")
     ref = scalemem.fit(px[:1000, cols], px[:1000], 6, key_scale=1 / 255, value_scale=1 / 255, **kw)
     res = fit_source(src, 6, chunks_per_block=3, **kw)
     assert res.memory.K.dtype == np.float32
     # the float64 fit from the same K0 is the yardstick of float32 rounding
-    K0 = np.asarray(scalemem._fit.init_keys(6, 4))
+    K0 = np.asarray(scalemem._engine.normal_keys(6, 4))
     r64 = scalemem.fit(px[:1000, cols] / 255.0, px[:1000] / 255.0, 6, init=K0.astype(np.float64),
-                       **kw)
+                       dtype="float64", **kw)
     K64, Ks, Km = (np.asarray(r.memory.K, np.float64) for r in (r64, res, ref))
     scale = np.max(np.abs(K64))
     err32 = max(np.max(np.abs(K - K64)) for K in (Ks, Km)) / scale
-    # The two float32 engines round differently (the in-memory one keeps its values centred and
-    # scans a shorter last chunk; the stream centres each chunk as it arrives and pads the last
+    # The two float32 engines round differently (the resident one keeps its values centred and
+    # has a shorter last chunk; the stream centres each chunk as it arrives and pads the last
     # with weight-0 rows), so they agree to float32 rounding, not bitwise: their difference is
-    # at most twice what either is from float64 (measured: 4e-5 apart, each 5e-5 from float64),
+    # at most twice what either is from float64 (measured: 8e-5 apart, each 5e-5 from float64),
     # and that envelope itself is float32-sized (< 1e-3 after 10 steps at lr 1e-2).
     assert err32 < 1e-3, err32
     assert np.max(np.abs(Ks - Km)) / scale <= 2 * err32
@@ -204,7 +209,7 @@ def test_one_pass_reads_once_per_step_and_converges():
     Q, X = _synthetic(seed=1)
     init = np.random.default_rng(1).standard_normal((P, Q.shape[1]))  # peaked attention
     kw = dict(steps=30, learning_rate=1e-2, ridge=1e-3, chunk_rows=256, chunks_per_block=4,
-              init=init)
+              init=init, recipe="seed", dtype="float64")
     exact_src, lagged_src = CountingSource(ArraySource(Q, X)), CountingSource(ArraySource(Q, X))
     exact = fit_source(exact_src, P, **kw)
     lagged = fit_source(lagged_src, P, one_pass=True, **kw)
@@ -221,7 +226,7 @@ def test_one_pass_reads_once_per_step_and_converges():
 def test_evaluate_source_matches_numpy(synthetic, tmp_path):
     Q, X, ref = synthetic
     m = ref.memory
-    out = evaluate_source(m, ArraySource(Q, X, name="q"), chunk_rows=700)  # 5 chunks, padded
+    out = scalemem.evaluate(m, ArraySource(Q, X, name="q"), chunk_rows=700)  # 5 chunks, padded
     logits = Q @ np.asarray(m.K).T
     A = np.exp(logits - logits.max(1, keepdims=True))
     A /= A.sum(1, keepdims=True)
@@ -241,7 +246,7 @@ def test_nonfinite_data_is_located(tmp_path):
     src = ArraySource.from_arrays({"q": Q, "vals": X}, keys="q", values="vals", rows="1000:3000",
                                   name="mem")
     with pytest.raises(NonFiniteDataError, match="row 1234 of array 'vals'") as e:
-        fit_source(src, P, steps=2, chunk_rows=100)
+        fit_source(src, P, steps=2, chunk_rows=100, recipe="seed", dtype="float64")
     err = e.value
     assert (err.source, err.array, err.row, err.chunk) == ("mem", "vals", 234, 2)
 

@@ -9,13 +9,19 @@ was built (the engines are replaced by a trap that fails the test if anything re
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 
 import scalemem
 from scalemem import ConfigError, DataError, ScalememError
-from scalemem._sources import ArraySource
-from scalemem._store import StoreWriter
+from scalemem._data import ArraySource, StoreWriter
+
+# the modules, by name: the package scalemem._engine exports a function ``fit`` that hides its
+# module ``fit`` from attribute access
+_fit = importlib.import_module("scalemem._engine.fitting")
+_engines = importlib.import_module("scalemem._engine.engines")
 
 N, M, NV = 40, 3, 2
 RNG = np.random.default_rng(0)
@@ -30,8 +36,10 @@ def no_compute(monkeypatch):
     def trap(*a, **k):
         raise AssertionError("an engine was built: validation did not stop the fit first")
 
-    monkeypatch.setattr(scalemem._fit, "InMemoryEngine", trap)
-    monkeypatch.setattr(scalemem._streaming, "StreamingEngine", trap)
+    # build_engine (scalemem._engine.fitting) builds every engine from these two names
+    for module in (_fit, _engines):
+        monkeypatch.setattr(module, "ResidentEngine", trap)
+        monkeypatch.setattr(module, "StreamedEngine", trap)
 
 
 def _check(err: ScalememError, kind, field: str, shown: str) -> None:

@@ -18,6 +18,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from .._errors import DataError, DownloadError
@@ -25,27 +26,19 @@ from .._errors import DataError, DownloadError
 __all__ = ["FILES", "OFFICIAL_MD5", "OFFICIAL_URL", "read_idx", "load", "download",
            "key_columns", "permutation", "reference_split", "SPLITS"]
 
-FILES = {
-    "train_images": "train-images-idx3-ubyte",
-    "train_labels": "train-labels-idx1-ubyte",
-    "test_images": "t10k-images-idx3-ubyte",
-    "test_labels": "t10k-labels-idx1-ubyte",
-}
+FILES = {"train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
+         "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte"}
 # md5 of the official gzipped files, as published by the Fashion-MNIST project
-OFFICIAL_MD5 = {
-    "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
-    "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
-    "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
-    "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
-}
+OFFICIAL_MD5 = {"train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+                "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+                "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+                "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310"}
 OFFICIAL_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 ROWS, PIXELS, KEY_PIXELS = 70000, 784, 78
 # Named row ranges in the reference permutation (half-open [start, stop)).
-SPLITS = {
-    "fit10k": (0, 10000), "test60k": (10000, 70000),  # the seed article's split
-    "fit60k": (0, 60000), "test10k": (60000, 70000),  # the full-data split
-    "all": (0, 70000),
-}
+SPLITS = {"fit10k": (0, 10000), "test60k": (10000, 70000),  # the seed article's split
+          "fit60k": (0, 60000), "test10k": (60000, 70000),  # the full-data split
+          "all": (0, 70000)}
 
 _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -94,27 +87,22 @@ def load(data_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         if im.ndim != 3 or im.shape[1:] != (28, 28) or lb.shape != (im.shape[0],):
             raise DataError(f"{d}: {split} images {im.shape} and labels {lb.shape} do not match "
                             "Fashion-MNIST's layout (N×28×28 and N)")
-    images = np.concatenate([parts["train_images"], parts["test_images"]]).reshape(-1, PIXELS)
-    labels = np.concatenate([parts["train_labels"], parts["test_labels"]])
-    return images, labels
+    return (np.concatenate([parts["train_images"], parts["test_images"]]).reshape(-1, PIXELS),
+            np.concatenate([parts["train_labels"], parts["test_labels"]]))
 
 
 def _md5(path: Path) -> str:
-    h = hashlib.md5()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def download(data_dir: str | os.PathLike, base_url: str = OFFICIAL_URL, timeout: float = 30.0
              ) -> Path:
     """Download the four official files into ``data_dir`` and check their official md5.
 
-    Files already present with the right checksum are kept. A file is written to a temporary
-    name and renamed only after its checksum matched, so a failed download never leaves a
-    half-written file behind. Offline, raises :class:`DownloadError` telling you to pass a
-    local folder instead.
+    Files already present with the right checksum are kept. A file is written to a temporary name
+    and renamed only after its checksum matched, so a failed download never leaves a half-written
+    file behind. Offline, raises :class:`DownloadError` telling you to pass a local folder instead.
     """
     d = Path(data_dir)
     d.mkdir(parents=True, exist_ok=True)
@@ -136,30 +124,24 @@ def download(data_dir: str | os.PathLike, base_url: str = OFFICIAL_URL, timeout:
                 f"could not download {url} ({e}). Without internet access, copy the four IDX "
                 f"files into a folder and pass it (--data-dir DIR / load(DIR)).") from e
         finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            Path(tmp).unlink(missing_ok=True)
     return d
 
 
 def key_columns() -> np.ndarray:
     """The 78 key pixels: ``jax.random.choice(PRNGKey(1), 784, (78,), replace=False)``."""
-    import jax
-
     return np.asarray(jax.random.choice(jax.random.PRNGKey(1), PIXELS, (KEY_PIXELS,),
                                         replace=False))
 
 
 def permutation() -> np.ndarray:
     """The reference row order: ``jax.random.permutation(PRNGKey(0), 70000)``."""
-    import jax
-
     return np.asarray(jax.random.permutation(jax.random.PRNGKey(0), ROWS))
 
 
 def reference_split(data_dir, fit: str = "fit10k", test: str = "test60k", dtype=np.float32):
     """``(Q_fit, X_fit, Q_test, X_test)`` of the reference protocol, values scaled to [0, 1]."""
-    images, _ = load(data_dir)
-    X = images[permutation()].astype(dtype) / dtype(255.0)
+    X = load(data_dir)[0][permutation()].astype(dtype) / dtype(255.0)
     cols = key_columns()
     out = []
     for name in (fit, test):

@@ -1,18 +1,6 @@
-"""Model files without pickle: NumPy ``.npz`` archives plus JSON metadata.
-
-A model file is an ``.npz`` (a zip of ``.npy`` arrays) holding ``K`` (P×m), ``V`` (P×n) and
-``__metadata__``, a uint8 array with the UTF-8 bytes of a JSON object (format name and version,
-the resolved config, the data fingerprint, training metrics). Nothing in it is executable:
-
-* before any array is read, every member's ``.npy`` header is parsed and a member whose dtype
-  holds Python objects (the only way an ``.npy`` carries a pickle) is refused with
-  :class:`~scalemem.CheckpointError`; the payload is never unpickled;
-* the arrays are then read with ``numpy.load(..., allow_pickle=False)``.
-
-Files are written atomically (:func:`atomic_write`): to a temporary file in the same folder,
-flushed and fsynced, renamed over the target with ``os.replace`` and the folder fsynced, so a
-crash leaves either the old file or the new one, never a torn file.
-"""
+"""Model files without pickle: NumPy ``.npz`` archives plus JSON metadata, written atomically;
+they load back bit for bit, and object arrays (pickles) are refused before anything is read
+(docs/design.md, "Model files")."""
 
 from __future__ import annotations
 
@@ -24,50 +12,40 @@ import zipfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from ._errors import CheckpointError
-from ._model import Memory
+from .._errors import CheckpointError
+from .model import Memory
 
-__all__ = ["save", "load", "read_metadata", "UnsafeFileError", "atomic_write", "write_npz",
-           "read_npz", "MODEL_FILE", "MODEL_FORMAT"]
+__all__ = ["save", "load", "load_with_metadata", "read_metadata", "UnsafeFileError",
+           "atomic_write", "write_npz", "read_npz", "MODEL_FILE", "MODEL_FORMAT"]
 
 MODEL_FILE = "model.npz"  # the model inside a run folder
 MODEL_FORMAT = "scalemem-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _META = "__metadata__"
-
-
 
 
 class UnsafeFileError(CheckpointError):
     """A model or checkpoint file that carries a pickle payload (refused, never unpickled)."""
 
 
-# ----------------------------------------------------------------------------------------------
-# atomic writes
-
-
 def _fsync_dir(folder: Path) -> None:
-    try:
+    # platforms without directory handles, filesystems that refuse fsync on directories: skip
+    with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory handles
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - some filesystems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], Any]) -> Path:
     """Write ``path`` atomically: ``write(f)`` fills a temporary file in the same folder, which is
-    flushed, fsynced and renamed over ``path`` (``os.replace``); then the folder is fsynced.
-
-    If anything fails, the temporary file is removed, ``path`` is left as it was and the error
-    is re-raised as :class:`~scalemem.CheckpointError` (``OSError``s) or as is.
-    """
+    fsynced and renamed over ``path``, then the folder is fsynced. On failure ``path`` is left
+    as it was and the error re-raised (``OSError`` as :class:`~scalemem.CheckpointError`)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -88,10 +66,6 @@ def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], A
     return path
 
 
-# ----------------------------------------------------------------------------------------------
-# npz with JSON metadata, read without pickle
-
-
 def _jsonable(obj):
     """JSON-safe copy of ``obj`` (NumPy scalars and arrays become numbers and lists)."""
     if isinstance(obj, Mapping):
@@ -108,8 +82,8 @@ def _jsonable(obj):
 
 
 def write_npz(path: str | os.PathLike, arrays: Mapping[str, Any], metadata: Mapping) -> Path:
-    """Atomically write ``arrays`` (numeric NumPy/JAX arrays) and ``metadata`` (JSON) as ``.npz``.
-    Arrays holding NaN or Inf are refused (:class:`~scalemem.CheckpointError`)."""
+    """Atomically write numeric ``arrays`` and JSON ``metadata`` as ``.npz``; arrays holding NaN
+    or Inf are refused (:class:`~scalemem.CheckpointError`)."""
     out: dict[str, np.ndarray] = {}
     for name, a in arrays.items():
         a = np.asarray(a)
@@ -138,12 +112,11 @@ def _check_members(path: Path, zf: zipfile.ZipFile) -> None:
         with zf.open(info) as f:
             try:
                 version = np.lib.format.read_magic(f)
-                if version == (1, 0):
-                    _, _, dtype = np.lib.format.read_array_header_1_0(f)
-                elif version == (2, 0):
-                    _, _, dtype = np.lib.format.read_array_header_2_0(f)
-                else:
+                read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                               (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                if read_header is None:
                     raise ValueError(f"unsupported .npy version {version}")
+                _, _, dtype = read_header(f)
             except ValueError as e:
                 raise CheckpointError(f"{path}: member {name!r} has no valid .npy header ({e}); "
                                       "the file is corrupted or not a scalemem file") from e
@@ -156,11 +129,8 @@ def _check_members(path: Path, zf: zipfile.ZipFile) -> None:
 
 
 def read_npz(path: str | os.PathLike, expect: str | None = None) -> tuple[dict, dict]:
-    """``(arrays, metadata)`` of a scalemem ``.npz``; never unpickles anything.
-
-    ``expect`` is the required ``format`` of the metadata (``"scalemem-model"``, ...).
-    Raises :class:`~scalemem.CheckpointError` for a missing, corrupted or unsafe file.
-    """
+    """``(arrays, metadata)`` of a scalemem ``.npz`` whose ``format`` is ``expect``, never
+    unpickling; :class:`~scalemem.CheckpointError` for a missing, corrupted or unsafe file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
@@ -201,10 +171,6 @@ def read_npz(path: str | os.PathLike, expect: str | None = None) -> tuple[dict, 
     return arrays, meta
 
 
-# ----------------------------------------------------------------------------------------------
-# models
-
-
 def _model_path(path: str | os.PathLike) -> Path:
     p = Path(path)
     if p.is_dir():
@@ -218,47 +184,64 @@ def _model_path(path: str | os.PathLike) -> Path:
 
 
 def save(memory: Memory, path: str | os.PathLike, metadata: Mapping | None = None) -> Path:
-    """Save ``memory`` (its ``K`` and ``V``) with JSON ``metadata`` as a pickle-free ``.npz``
-    (written atomically). ``path`` may be a run folder (the file is then ``model.npz`` in it).
-    Returns the file's path."""
+    """Save ``memory`` with JSON ``metadata`` (provenance) as a pickle-free ``.npz``, atomically,
+    to ``path`` or a run folder's ``model.npz``; returns the file's path."""
     p = Path(path)
     if p.is_dir():
         p = p / MODEL_FILE
-    meta = {"format": MODEL_FORMAT, "version": FORMAT_VERSION, **dict(metadata or {})}
-    meta["format"], meta["version"] = MODEL_FORMAT, FORMAT_VERSION
-    return write_npz(p, {"K": memory.K, "V": memory.V}, meta)
+    meta = {**dict(metadata or {}), "format": MODEL_FORMAT, "version": FORMAT_VERSION,
+            "key_scale": memory.key_scale, "value_scale": memory.value_scale,
+            "dtype": str(np.dtype(memory.K.dtype))}
+    arrays = {"K": memory.K, "V": memory.V}
+    if memory.bias is not None:
+        arrays["bias"] = memory.bias
+    return write_npz(p, arrays, meta)
 
 
-def _load(path) -> tuple[Memory, dict]:
-    import jax
-    import jax.numpy as jnp
+def _scale(meta: Mapping, name: str, p: Path):
+    # version 1 recorded the scales only for CLI runs, in the fingerprint
+    v = (meta.get("fingerprint") or {}).get(name) if meta.get("version") == 1 else meta.get(name)
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                          or not np.isfinite(v) or v == 0):
+        raise CheckpointError(f"{p}: {name} {v!r} is not a finite non-zero number; the file is "
+                              "corrupted")
+    return None if v is None else float(v)
 
+
+def load_with_metadata(path) -> tuple[Memory, dict]:
+    """``(memory, metadata)`` of a model file or run folder."""
     p = _model_path(path)
     arrays, meta = read_npz(p, MODEL_FORMAT)
+    if meta.get("version") not in (1, FORMAT_VERSION):
+        raise CheckpointError(f"{p}: model format version {meta.get('version')!r}; this "
+                              f"scalemem reads versions 1 and {FORMAT_VERSION}: upgrade "
+                              "scalemem, or refit the model")
     try:
         K, V = arrays["K"], arrays["V"]
     except KeyError as e:
         raise CheckpointError(f"{p}: model file without array {e.args[0]!r}") from e
-    if K.ndim != 2 or V.ndim != 2 or K.shape[0] != V.shape[0]:
-        raise CheckpointError(f"{p}: K has shape {K.shape} and V {V.shape}; expected (P, m) and "
-                              "(P, n)")
-    if K.dtype.kind != "f" or V.dtype.kind != "f":
+    bias = arrays.get("bias")
+    if K.ndim != 2 or V.ndim != 2 or K.shape[0] != V.shape[0] or (
+            bias is not None and bias.shape != (K.shape[0],)):
+        raise CheckpointError(f"{p}: K has shape {K.shape}, V {V.shape}"
+                              f"{'' if bias is None else f', bias {bias.shape}'}; expected "
+                              "(P, m), (P, n) and (P,)")
+    if any(a.dtype.kind != "f" for a in (K, V) + (() if bias is None else (bias,))):
         raise CheckpointError(f"{p}: K ({K.dtype}) and V ({V.dtype}) must be floating point")
-    wide = np.float64 in (K.dtype, V.dtype)
-    with jax.enable_x64(wide):
-        return Memory(K=jnp.asarray(K), V=jnp.asarray(V)), meta
+    scales = {k: _scale(meta, k, p) for k in ("key_scale", "value_scale")}
+    with jax.enable_x64(np.float64 in (K.dtype, V.dtype)):
+        memory = Memory(K=jnp.asarray(K), V=jnp.asarray(V),
+                        bias=None if bias is None else jnp.asarray(bias), **scales)
+    return memory, meta
 
 
 def load(path: str | os.PathLike) -> Memory:
-    """Load a model saved by :func:`save` or by ``scalemem fit`` (a ``.npz`` file or a run folder).
-
-    Returns a :class:`~scalemem.Memory` with arrays ``K`` and ``V`` and a jit-able ``predict``.
-    Files carrying a pickle payload are refused with :class:`~scalemem.CheckpointError`
-    without being unpickled. :func:`read_metadata` gives the file's JSON metadata.
-    """
-    return _load(path)[0]
+    """The :class:`~scalemem.Memory` saved by :func:`save` or ``scalemem fit`` (a ``.npz`` file or a
+    run folder); its predictions equal the saved model's bit for bit. Files carrying a pickle
+    payload are refused (:class:`~scalemem.CheckpointError`) without being unpickled."""
+    return load_with_metadata(path)[0]
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
-    """The JSON metadata of a model file or run folder (config, data fingerprint, metrics)."""
+    """The JSON metadata of a model file or run folder (views, settings, data, metrics)."""
     return read_npz(_model_path(path), MODEL_FORMAT)[1]

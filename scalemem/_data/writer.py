@@ -1,35 +1,10 @@
-"""Writing stores chunk by chunk: Zarr v3 directories and HDF5 files.
-
-:class:`StoreWriter` writes named arrays row block by row block (only one row chunk per array
-is ever buffered in memory), records the ``scalemem`` attribute (row splits and default views,
-see :mod:`scalemem._sources`) and publishes the store atomically: everything is written under a
-temporary sibling name that is renamed to the target only when every array is complete, so an
-interrupted or failed ingest never leaves a half-written store behind.
-
-Chunk layout. Arrays are chunked by rows, each chunk holding *all* columns: every read is a
-contiguous row range, so a row chunk is the unit that is read and decompressed. The default
-chunk height (:func:`default_chunk_rows`) is the largest power of two from 4096 to 16384 rows
-whose chunk is at most 16 MiB uncompressed: 16384 rows for 784 uint8 pixels (12.3 MiB), 4096
-rows for 784 float32 values (12.3 MiB). With the engine's default blocks of 4 × 4096 rows a
-block read touches one or two chunks. Compression: Zarr's default (zstd level 0); HDF5 gzip
-level 1 (readable by any HDF5 installation, unlike lzf). Small arrays (labels, index arrays) are
-stored as one chunk.
-
-Integrity. Every chunk carries a checksum that is verified when it is read: Zarr arrays end
-their codec pipeline with ``crc32c`` (a CRC-32C of the compressed chunk), HDF5 datasets use the
-``fletcher32`` filter. A bit flipped on disk then fails the read (:class:`~scalemem.DataError`)
-instead of changing the data. Zarr chunks are written even when they equal the fill value
-(``write_empty_chunks``), so every chunk of a scalemem store exists and a missing one is known
-to be lost (see ``missing_chunks`` in :func:`scalemem.open_source`). The ``scalemem`` attribute
-gets an ``integrity`` record: the shape and dtype of every array and a SHA-256 of the attribute
-(:func:`scalemem._sources.meta_digest`), checked when the store is opened.
-
-Two writers of data are provided: :func:`write_fashion_mnist` (the reference protocol's rows,
-pixels stored once) and :func:`write_synthetic` (a generated data set of any size).
-"""
+"""Writing stores chunk by chunk: Zarr v3 directories and HDF5 files, published atomically,
+chunked by rows, every chunk checksummed and every array's shape and dtype recorded in the
+checksummed ``scalemem`` attribute (docs/design.md, "Writing stores"); two data sets."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -38,9 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from ._errors import ConfigError, DataError
-from ._sources import META_KEY, meta_digest
-from ._validate import check_int
+from .._errors import ConfigError, DataError
+from .._validate import check_int
+from ..datasets import fashion_mnist as fm
+from .stores import META_KEY, meta_digest
 
 __all__ = ["FORMATS", "StoreWriter", "ArrayWriter", "default_chunk_rows", "write_fashion_mnist",
            "write_synthetic"]
@@ -70,17 +46,10 @@ class ArrayWriter:
 
     def __init__(self, target, name: str, shape: tuple[int, int], dtype: np.dtype,
                  chunk_rows: int, where: str):
-        self.name, self.shape, self.dtype = name, shape, dtype
-        self.chunk_rows = chunk_rows
+        self.name, self.shape, self.dtype, self.chunk_rows = name, shape, dtype, chunk_rows
         self._target, self._where = target, where
-        self._buf = np.empty((chunk_rows, shape[1]), dtype)
-        self._nbuf = 0
+        self._buf, self._nbuf = np.empty((chunk_rows, shape[1]), dtype), 0
         self.written = 0  # rows flushed to the store
-
-    @property
-    def filled(self) -> int:
-        """Rows appended so far (written or buffered)."""
-        return self.written + self._nbuf
 
     def append(self, block) -> None:
         """Append rows (a 2-D array with this array's column count and a dtype that casts to
@@ -94,15 +63,15 @@ class ArrayWriter:
         if not np.can_cast(block.dtype, self.dtype, "same_kind"):
             raise DataError(f"{self._where}: array {self.name!r} is {self.dtype}; cannot store "
                             f"a {block.dtype} block without changing its kind")
-        if self.filled + block.shape[0] > self.shape[0]:
+        filled = self.written + self._nbuf  # rows appended so far
+        if filled + block.shape[0] > self.shape[0]:
             raise DataError(f"{self._where}: array {self.name!r} has {self.shape[0]} rows; "
-                            f"appending {block.shape[0]} to {self.filled} overflows it")
-        i = 0
-        while i < block.shape[0]:
-            take = min(self.chunk_rows - self._nbuf, block.shape[0] - i)
-            self._buf[self._nbuf:self._nbuf + take] = block[i:i + take]
+                            f"appending {block.shape[0]} to {filled} overflows it")
+        while block.shape[0]:
+            take = min(self.chunk_rows - self._nbuf, block.shape[0])
+            self._buf[self._nbuf:self._nbuf + take] = block[:take]
             self._nbuf += take
-            i += take
+            block = block[take:]
             if self._nbuf == self.chunk_rows:
                 self._flush()
 
@@ -119,7 +88,7 @@ class ArrayWriter:
                             f"{self.shape[0]} rows; the store was not published")
 
 
-class StoreWriter:
+class StoreWriter(contextlib.AbstractContextManager):
     """Writes a store (``format`` ``"zarr"``: a Zarr v3 directory, ``"hdf5"``: an HDF5 file).
 
     Use as a context manager: on a clean exit the store is checked (every array complete) and
@@ -169,8 +138,7 @@ class StoreWriter:
                      chunk_rows: int | None = None) -> ArrayWriter:
         """A 2-D array of ``shape`` (rows × columns), filled with :meth:`ArrayWriter.append`.
         ``chunk_rows`` defaults to :func:`default_chunk_rows` (capped at the row count)."""
-        rows = check_int("rows", shape[0], 1)
-        cols = check_int("columns", shape[1], 1)
+        rows, cols = check_int("rows", shape[0], 1), check_int("columns", shape[1], 1)
         dtype = np.dtype(dtype)
         if chunk_rows is None:
             chunk_rows = default_chunk_rows(cols * dtype.itemsize)
@@ -203,58 +171,43 @@ class StoreWriter:
 
     def commit(self) -> Path:
         """Check every array is complete, write ``meta`` and rename the store into place."""
+        old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
+        moved = False  # whether the old store is at ``old``
         try:
             for a in self._arrays:
                 a._finish()
             meta = json.loads(json.dumps(self.meta))  # fails early on non-JSON values
             meta["integrity"] = {"arrays": self._written}
             meta["integrity"]["digest"] = meta_digest(meta)
-            if self.format == "zarr":
-                self._root.attrs[META_KEY] = meta
-            else:
-                self._root.attrs[META_KEY] = json.dumps(meta)
+            self._root.attrs[META_KEY] = meta if self.format == "zarr" else json.dumps(meta)
+            if self.format == "hdf5":
                 self._root.close()
-        except BaseException:
-            self.abort()
-            raise
-        self._open = False
-        old = None
-        if self.path.exists() or self.path.is_symlink():
-            if not self.overwrite:
-                self.abort()
-                raise DataError(f"{self.path}: appeared while writing; not overwritten")
-            # move the old store aside (a rename, no copy) rather than deleting it first: if
-            # publishing the new one fails, the old one is put back unchanged
-            old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
-            _remove(old)
-            try:
+            self._open = False
+            if self.path.exists() or self.path.is_symlink():
+                if not self.overwrite:
+                    raise DataError(f"{self.path}: appeared while writing; not overwritten")
+                # move the old store aside (a rename, no copy) rather than deleting it first:
+                # if publishing the new one fails, the old one is put back unchanged
+                _remove(old)
                 os.replace(self.path, old)
-            except BaseException:
-                self.abort()
-                raise
-        try:
+                moved = True
             os.replace(self._tmp, self.path)
         except BaseException:
-            if old is not None:
+            if moved:
                 os.replace(old, self.path)
             self.abort()
             raise
-        if old is not None:
+        if moved:
             _remove(old)
         return self.path
 
     def abort(self) -> None:
         """Discard everything written."""
         if self.format == "hdf5" and self._open:
-            try:
+            with contextlib.suppress(Exception):  # best effort while cleaning up
                 self._root.close()
-            except Exception:  # noqa: BLE001 - best effort while cleaning up
-                pass
         self._open = False
         _remove(self._tmp)
-
-    def __enter__(self) -> "StoreWriter":
-        return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
@@ -279,13 +232,8 @@ def _remove(p: Path) -> None:
         p.unlink()
 
 
-def _splits_meta(splits: dict[str, tuple[int, int]]) -> dict[str, list[int]]:
-    return {k: [int(a), int(b)] for k, (a, b) in splits.items()}
-
-
-def write_fashion_mnist(data_dir: str | os.PathLike, out: str | os.PathLike,
-                        format: str = "zarr", *, overwrite: bool = False,
-                        chunk_rows: int | None = None) -> Path:
+def write_fashion_mnist(data_dir: str | os.PathLike, out: str | os.PathLike, format: str = "zarr",
+                        *, overwrite: bool = False, chunk_rows: int | None = None) -> Path:
     """Write Fashion-MNIST (the four IDX files in ``data_dir``) as a store at ``out``.
 
     Arrays: ``pixels`` (70000×784 uint8, stored once), ``labels`` (70000 uint8),
@@ -295,27 +243,23 @@ def write_fashion_mnist(data_dir: str | os.PathLike, out: str | os.PathLike,
     the splits ``fit10k``, ``test60k``, ``fit60k``, ``test10k`` and ``all`` are recorded, and the
     default views are keys ``pixels[@key_columns]/255`` and values ``pixels/255``.
     """
-    from .datasets import fashion_mnist as fm
-
     _check_format(format)
     images, labels = fm.load(data_dir)
     perm = fm.permutation()
-    cols = fm.key_columns().astype(np.int32)
     rows = images.shape[0]
     with StoreWriter(out, format, overwrite=overwrite) as w:
         px = w.create_array("pixels", (rows, images.shape[1]), np.uint8, chunk_rows=chunk_rows)
         for s in range(0, rows, px.chunk_rows):
             px.append(images[perm[s:s + px.chunk_rows]])
         w.write_array("labels", labels[perm])
-        w.write_array("key_columns", cols)
+        w.write_array("key_columns", fm.key_columns().astype(np.int32))
         w.write_array("source_row", perm.astype(np.int32))
         w.meta.update(
             dataset="fashion-mnist", rows=rows,
             description=("Fashion-MNIST, the 60000 training images then the 10000 test images, "
-                         "rows permuted by jax.random.permutation(PRNGKey(0), 70000); "
-                         "key_columns = jax.random.choice(PRNGKey(1), 784, (78,), "
-                         "replace=False)"),
-            splits=_splits_meta(fm.SPLITS),
+                         "rows permuted by jax.random.permutation(PRNGKey(0), 70000); key_columns "
+                         "= jax.random.choice(PRNGKey(1), 784, (78,), replace=False)"),
+            splits=fm.SPLITS,  # JSON: tuples become lists at commit
             views={"keys": "pixels[@key_columns]/255", "values": "pixels/255"})
     return Path(out)
 
@@ -361,17 +305,13 @@ def write_synthetic(out: str | os.PathLike, rows: int, *, key_dim: int = 78,
             v = 0.5 + 0.5 * np.tanh(np.tanh(z @ W1) @ W2)
             v = np.clip(v + noise * rng.standard_normal((b, value_dim)), 0.0, 1.0)
             if dtype == "uint8":
-                kw.append(np.clip(np.rint(128.0 + 32.0 * k), 0, 255).astype(np.uint8))
-                vw.append(np.rint(255.0 * v).astype(np.uint8))
-            else:
-                kw.append(k.astype(np.float32))
-                vw.append(v.astype(np.float32))
+                k, v = np.clip(np.rint(128.0 + 32.0 * k), 0, 255), np.rint(255.0 * v)
+            kw.append(k.astype(dtype))
+            vw.append(v.astype(dtype))
         scale = "/255" if dtype == "uint8" else ""
         w.meta.update(
             dataset="synthetic", rows=rows, seed=seed, latent_dim=latent_dim, noise=noise,
-            description="keys = projection of a Gaussian latent + noise; values = smooth "
-                        "nonlinear function of the latent + noise "
-                        "(scalemem._store.write_synthetic)",
-            splits=_splits_meta(splits),
-            views={"keys": f"keys{scale}", "values": f"values{scale}"})
+            description="keys = projection of a Gaussian latent + noise; values = smooth nonlinear "
+                        "function of the latent + noise (scalemem._store.write_synthetic)",
+            splits=splits, views={"keys": f"keys{scale}", "values": f"values{scale}"})
     return Path(out)

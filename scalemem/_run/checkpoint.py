@@ -1,24 +1,10 @@
-"""Checkpoints of a fit: everything needed to continue it bit for bit, without pickle.
-
-A checkpoint is ``RUN/checkpoints/step-000123.npz`` (written by :mod:`scalemem._modelio`: an
-``.npz`` with JSON metadata, written atomically and read without ever unpickling) holding
-
-* ``K`` after ``step`` completed steps;
-* the optimiser state, flattened to its array leaves ``opt_000``, ``opt_001``, … plus a text
-  description of the pytree structure (``str(treedef)``, e.g.
-  ``PyTreeDef((CustomNode(namedtuple[ScaleByAdamState], [*, *, *]), …))``). To restore it the
-  optimiser is rebuilt from the config, ``optimizer.init(K)`` gives the structure, and the
-  saved leaves are put into it after checking that the description, the number, shapes and
-  dtypes of the leaves all match: no code is ever loaded from the file;
-* ``loss``/``rmse``: the history at ``K_0 … K_{step-1}``;
-* metadata: the step, the elapsed seconds, the resolved config and the data fingerprint.
-
-Only the last ``keep`` checkpoints (default 3) are kept. :func:`check_compatible` refuses a
-checkpoint made with another config or other data, naming the field that differs.
-"""
+"""Checkpoints of a fit, ``RUN/checkpoints/step-NNNNNN.npz``: everything needed to continue it
+bit for bit, without pickle; :func:`check_compatible` refuses a checkpoint of other settings or
+other data, naming the field (docs/design.md, "Checkpoints")."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -27,10 +13,13 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from ._errors import CheckpointError
-from ._modelio import UnsafeFileError, read_npz, write_npz
+from .._config import DataConfig, FitConfig
+from .._engine.modelio import UnsafeFileError, read_npz, write_npz
+from .._errors import CheckpointError
 
 __all__ = ["Checkpoint", "CheckpointManager", "data_fingerprint", "check_compatible",
            "restore_opt_state", "CHECKPOINT_FORMAT", "TRAJECTORY_FIELDS"]
@@ -40,15 +29,10 @@ FORMAT_VERSION = 1
 _NAME_RE = re.compile(r"^step-(\d+)\.npz$")
 
 # Config fields that determine the trajectory K_0, K_1, …: a checkpoint is only resumed under the
-# same values. (``steps`` may grow on resume: the path up to a step does not depend on it.)
-TRAJECTORY_FIELDS = ("keys", "values", "rows", "values_are_labels", "classes", "prototypes",
-                     "optimizer", "lr", "ridge", "chunk_rows", "chunks_per_block", "seed", "dtype")
-# Fingerprint fields that are not compared: the store may be moved or copied.
-_UNCHECKED_FINGERPRINT = ("source",)
-
-
-# ----------------------------------------------------------------------------------------------
-# data fingerprint
+# same values (the fields marked ``trajectory`` in scalemem._config). ``steps`` may grow on
+# resume (the path up to a step does not depend on it) unless a schedule decays over the steps.
+TRAJECTORY_FIELDS = tuple(f.name for c in (DataConfig, FitConfig) for f in dataclasses.fields(c)
+                          if f.metadata["trajectory"])
 
 
 def data_fingerprint(source, *, block_rows: int = 64, blocks: int = 3) -> dict:
@@ -60,33 +44,26 @@ def data_fingerprint(source, *, block_rows: int = 64, blocks: int = 3) -> dict:
     n = min(block_rows, rows)
     starts = sorted({int(round(i * (rows - n) / max(blocks - 1, 1))) for i in range(blocks)})
     for s in starts:
-        Q, X = source.read(s, s + n)
-        for a in (Q, X):
-            a = np.ascontiguousarray(a)
-            h.update(f"{s}:{a.dtype.str}:{a.shape}".encode())
-            h.update(a.tobytes())
-    return {
-        "source": str(source.name),
-        "keys": getattr(source, "key_view", None),
-        "values": getattr(source, "value_view", None),
-        "rows": rows,
-        "row_offset": int(getattr(source, "row_offset", 0) or 0),
-        "key_dim": int(source.key_dim),
-        "value_dim": int(source.value_dim),
-        "key_dtype": np.dtype(source.key_dtype).str,
-        "value_dtype": np.dtype(source.value_dtype).str,
-        "key_scale": source.key_scale,
-        "value_scale": source.value_scale,
-        "content_hash": h.hexdigest(),
-        "hashed_rows": [[s, s + n] for s in starts],
-    }
+        for a in map(np.ascontiguousarray, source.read(s, s + n)):  # keys, then values
+            h.update(f"{s}:{a.dtype.str}:{a.shape}".encode() + a.tobytes())
+    return dict(source=str(source.name), keys=getattr(source, "key_view", None),
+                values=getattr(source, "value_view", None), rows=rows,
+                row_offset=int(getattr(source, "row_offset", 0) or 0), key_dim=int(source.key_dim),
+                value_dim=int(source.value_dim), key_dtype=np.dtype(source.key_dtype).str,
+                value_dtype=np.dtype(source.value_dtype).str, key_scale=source.key_scale,
+                value_scale=source.value_scale, content_hash=h.hexdigest(),
+                hashed_rows=[[s, s + n] for s in starts])
 
 
 def check_compatible(meta: Mapping, config: Mapping, fingerprint: Mapping, where) -> None:
     """Raise :class:`~scalemem.CheckpointError` (with ``field`` set) when the checkpoint ``meta``
     was made with another trajectory-determining config value or with other data."""
     saved_cfg = meta.get("config") or {}
-    for field in TRAJECTORY_FIELDS:
+    if "lr" in saved_cfg and "learning_rate" not in saved_cfg:
+        raise CheckpointError(f"{where}: written by scalemem 0.1, whose settings had other "
+                              "names; its model loads (`scalemem eval` works), but the fit "
+                              "cannot be continued: start a new run (a new --out folder)")
+    for field in TRAJECTORY_FIELDS + (("steps",) if config.get("schedule") != "constant" else ()):
         a, b = saved_cfg.get(field), config.get(field)
         if a != b:
             _refuse(where, "config", field, a, b,
@@ -94,30 +71,19 @@ def check_compatible(meta: Mapping, config: Mapping, fingerprint: Mapping, where
     saved_fp = meta.get("fingerprint") or {}
     # the shape fields first, the content hash last (it differs whenever anything else does)
     for field in list(saved_fp) + [f for f in fingerprint if f not in saved_fp]:
-        if field in _UNCHECKED_FINGERPRINT:
+        if field == "source":  # not compared: the store may be moved or copied
             continue
         a, b = saved_fp.get(field), fingerprint.get(field)
-        if isinstance(a, list) or isinstance(b, list):
-            a, b = _lists(a), _lists(b)
         if a != b:
             _refuse(where, "data", field, a, b, "resume on the data the run was started with, "
                     "or start a new run (a new --out folder)")
-
-
-def _lists(x):
-    return [_lists(v) for v in x] if isinstance(x, (list, tuple)) else x
 
 
 def _refuse(where, kind, field, saved, now, todo):
     e = CheckpointError(f"{where}: the checkpoint was made with {kind} field {field!r} = "
                         f"{saved!r}, this fit has {now!r}; {todo}")
     e.field = field
-    e.kind = kind
     raise e
-
-
-# ----------------------------------------------------------------------------------------------
-# checkpoints
 
 
 @dataclasses.dataclass
@@ -131,19 +97,9 @@ class Checkpoint:
     meta: dict
 
 
-def _describe_tree(opt_state) -> tuple[str, list[np.ndarray]]:
-    import jax
-
-    leaves, treedef = jax.tree_util.tree_flatten(opt_state)
-    return str(treedef), [np.asarray(x) for x in leaves]
-
-
 def restore_opt_state(ckpt: Checkpoint, template):
     """Put the checkpoint's optimiser leaves into the structure of ``template`` (the state of a
     freshly initialised optimiser of the same config), checking structure, shapes and dtypes."""
-    import jax
-    import jax.numpy as jnp
-
     leaves, treedef = jax.tree_util.tree_flatten(template)
     saved = ckpt.meta.get("opt_treedef")
     if saved != str(treedef):
@@ -163,8 +119,7 @@ def restore_opt_state(ckpt: Checkpoint, template):
 
 
 class CheckpointManager:
-    """Writes and finds the checkpoints of a run folder (``folder`` is ``RUN/checkpoints``).
-
+    """Writes and finds the checkpoints of a run folder (``folder`` is ``RUN/checkpoints``):
     ``save(state, meta)`` writes ``step-NNNNNN.npz`` atomically and then deletes all but the
     newest ``keep``; ``latest()`` loads the newest readable checkpoint (a torn or corrupted file
     is skipped with a warning; an unsafe one is refused)."""
@@ -172,31 +127,26 @@ class CheckpointManager:
     def __init__(self, folder: str | os.PathLike, keep: int = 3):
         if int(keep) < 1:
             raise CheckpointError(f"keep={keep}: at least one checkpoint must be kept")
-        self.folder = Path(folder)
-        self.keep = int(keep)
+        self.folder, self.keep = Path(folder), int(keep)
         self.last_saved: int | None = None
 
     def paths(self) -> list[tuple[int, Path]]:
         """``(step, path)`` of the checkpoints present, oldest first."""
         if not self.folder.is_dir():
             return []
-        found = []
-        for p in self.folder.iterdir():
-            m = _NAME_RE.match(p.name)
-            if m and p.is_file():
-                found.append((int(m.group(1)), p))
-        return sorted(found)
+        return sorted((int(m.group(1)), p) for p in self.folder.iterdir()
+                      if (m := _NAME_RE.match(p.name)) and p.is_file())
 
     def save(self, state, meta: Mapping[str, Any]) -> Path:
-        """Write a checkpoint of ``state`` (a :class:`scalemem._fit.LoopState`)."""
+        """Write a checkpoint of ``state`` (a :class:`scalemem._engine.LoopState`)."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        treedef, leaves = _describe_tree(state.opt_state)
+        leaves, treedef = jax.tree_util.tree_flatten(state.opt_state)
+        leaves = [np.asarray(x) for x in leaves]
         arrays = {"K": np.asarray(state.K), "loss": np.asarray(state.loss, np.float64),
-                  "rmse": np.asarray(state.rmse, np.float64)}
-        for i, leaf in enumerate(leaves):
-            arrays[f"opt_{i:03d}"] = leaf
+                  "rmse": np.asarray(state.rmse, np.float64),
+                  **{f"opt_{i:03d}": leaf for i, leaf in enumerate(leaves)}}
         full = {"format": CHECKPOINT_FORMAT, "version": FORMAT_VERSION, **dict(meta),
-                "step": int(state.step), "opt_treedef": treedef,
+                "step": int(state.step), "opt_treedef": str(treedef),
                 "opt_leaves": [{"shape": list(a.shape), "dtype": a.dtype.str} for a in leaves]}
         path = write_npz(self.folder / f"step-{int(state.step):06d}.npz", arrays, full)
         self.last_saved = int(state.step)
@@ -204,26 +154,20 @@ class CheckpointManager:
         return path
 
     def _prune(self) -> None:
-        for _, p in self.paths()[:-self.keep]:
-            try:
+        stale = [p for _, p in self.paths()[:-self.keep]] + [  # and files of a killed writer
+            p for p in self.folder.glob(".step-*.npz.tmp-*")
+            if not p.name.endswith(f".tmp-{os.getpid()}")]
+        for p in stale:
+            with contextlib.suppress(OSError):  # a vanished file is fine
                 p.unlink()
-            except OSError:  # pragma: no cover - a vanished file is fine
-                pass
-        for p in self.folder.glob(".step-*.npz.tmp-*"):  # left by a killed writer
-            if not p.name.endswith(f".tmp-{os.getpid()}"):
-                try:
-                    p.unlink()
-                except OSError:  # pragma: no cover
-                    pass
 
     @staticmethod
     def load(path: str | os.PathLike) -> Checkpoint:
         path = Path(path)
         arrays, meta = read_npz(path, CHECKPOINT_FORMAT)
         try:
-            n = len(meta["opt_leaves"])
             step = int(meta["step"])
-            leaves = [arrays[f"opt_{i:03d}"] for i in range(n)]
+            leaves = [arrays[f"opt_{i:03d}"] for i in range(len(meta["opt_leaves"]))]
             K, loss, rmse = arrays["K"], arrays["loss"], arrays["rmse"]
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: incomplete checkpoint (missing {e}); it cannot be "

@@ -1,34 +1,11 @@
-"""A stream of fixed-shape row blocks over a :class:`~scalemem._source.Source`.
-
-A pass over the source yields blocks of ``chunks_per_block × chunk_rows`` rows shaped
-``(chunks_per_block, chunk_rows, ·)`` for the chunked ``lax.scan`` of :mod:`scalemem._core`;
-the last block is padded with zero rows whose weight is 0, so every block has the same shape and
-the jitted per-block functions compile once.
-
-Overlap. A background thread reads blocks from the source into a bounded queue (``prefetch``
-host blocks at most), while the consumer computes; the consumer issues ``jax.device_put`` for
-the next block before it hands out the current one whenever that block is already read, so the
-host-to-device copy runs while the current block is computed. At most ``prefetch`` host blocks
-and two device blocks are held by the stream at a time.
-
-Host memory. Host blocks are 64-byte aligned (:func:`~scalemem._sources.aligned_empty`), so on a
-CPU device ``device_put`` aliases them instead of copying. Every ``_TRIM_BYTES`` of data read
-and at the end of a pass the reader returns the C heap's free pages to the OS
-(:func:`release_free_heap`); without that, glibc's per-thread arenas keep the freed block and
-chunk buffers and the resident size creeps up pass after pass.
-
-Errors and early stop. An exception raised by the reader thread (an unreadable chunk, say) is
-re-raised in the consumer, where it would have occurred without the thread. If the consumer
-stops early (``break``, an exception, or closing the generator), the reader thread is told to
-stop and joined before control returns, so no thread outlives its pass.
-
-Resuming. ``stream.cursor`` is the index of the next block to hand out; after fully processing
-the block just received it is where to resume: ``ChunkStream(..., start=cursor)`` yields the
-remaining blocks of the pass.
-"""
+"""A stream of fixed-shape row blocks over a :class:`~scalemem._data.Source` (the last one padded
+with rows of weight 0: one shape, one compilation), read ahead by a thread while the consumer
+computes; a reader error is raised in the consumer and an early stop joins the thread
+(docs/design.md, "The read-ahead stream")."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -39,10 +16,10 @@ from typing import Any, Iterator, NamedTuple
 import jax
 import numpy as np
 
-from ._errors import DataError
-from ._source import Source
-from ._sources import aligned_empty, is_aligned
-from ._validate import NUMERIC_KINDS, check_int
+from .._errors import DataError
+from .source import Source
+from .sources import aligned_empty, is_aligned
+from .._validate import check_dtype, check_int
 
 __all__ = ["Block", "ChunkStream", "READER_THREAD_NAME"]
 
@@ -56,8 +33,7 @@ def _find_malloc_trim():
     if os.environ.get("SCALEMEM_MALLOC_TRIM", "1") == "0":
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
     except (OSError, AttributeError):
         return None
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
@@ -69,21 +45,8 @@ _malloc_trim = _find_malloc_trim()
 
 def release_free_heap() -> None:
     """Return the free pages of every malloc arena to the OS (glibc ``malloc_trim(0)``; a no-op
-    elsewhere).
-
-    Why: a pass allocates and frees a few buffers of one block or one stored chunk (~13 MiB)
-    per block, in several threads (the reader, zarr's decoding pool, XLA's workers). glibc
-    serves them from per-thread arenas once its adaptive mmap threshold has risen past their
-    size, and keeps what is freed there. Measured on a 2-core host, the resident size grew by
-    30-60 MiB with every statistics pass over 10⁶ rows (six passes: from 640 to 820 MiB after
-    the pass, peaks from 680 to 960 MiB) while the memory in use stayed near 100 MiB. Trimming
-    every ``_TRIM_BYTES`` of data read and at the end of a pass keeps it flat (the same passes
-    peaked at 680 MiB; a 3-step fit peaked at 571 MiB at 10⁵ rows and 609 MiB at 10⁷ rows,
-    against 764 and 734 MiB with the code before it); its cost, faulting the freed pages in again
-    when they are reused, was below the run-to-run noise of the stream's throughput. Forcing
-    large buffers onto mmap instead (``M_MMAP_THRESHOLD``) also flattens it but made a pass
-    4-7× slower there.
-    """
+    elsewhere): without it the resident size crept up 30-60 MiB a pass over 10⁶ rows (measured;
+    docs/design.md, "Why the stream returns free heap pages to the OS")."""
     if _malloc_trim is not None:
         _malloc_trim(0)
 
@@ -114,16 +77,7 @@ class Block(NamedTuple):
     w: Any  # (chunks_per_block, chunk_rows)
 
 
-class _End:
-    pass
-
-
-class _Failure:
-    def __init__(self, exc: BaseException):
-        self.exc = exc
-
-
-_END = _End()
+_END = object()  # queued after the last block; a reader's exception is queued as it is
 
 
 class ChunkStream:
@@ -162,23 +116,10 @@ class ChunkStream:
             if getattr(a, "shape", None) != (n, dim):
                 raise DataError(f"{src.name}: read({s}, {e}) returned {what} of shape "
                                 f"{getattr(a, 'shape', None)}, expected {(n, dim)}")
-            kind = np.dtype(getattr(a, "dtype", object)).kind
-            if kind not in NUMERIC_KINDS:
-                raise DataError(f"{src.name}: read({s}, {e}) returned {what} of dtype "
-                                f"{getattr(a, 'dtype', type(a).__name__)}; expected real "
-                                "integers or floating point")
-        w = aligned_empty((B,), self.weight_dtype)
-        w[:n] = 1
-        w[n:] = 0
-        Q, X = _host_block(Q, B), _host_block(X, B)
+            check_dtype(what, getattr(a, "dtype", object), f"{src.name}: read({s}, {e}) ")
+        Q, X, w = (_host_block(a, B) for a in (Q, X, np.ones(n, self.weight_dtype)))
         c, k = self.chunk_rows, self.chunks_per_block
         return Block(index, s, n, Q.reshape(k, c, -1), X.reshape(k, c, -1), w.reshape(k, c))
-
-    def _put(self, b: Block) -> Block:
-        if not self.to_device:
-            return b
-        Q, X, w = jax.device_put((b.Q, b.X, b.w), self.device)
-        return b._replace(Q=Q, X=X, w=w)
 
     def __iter__(self) -> Iterator[Block]:
         first = self.cursor
@@ -187,11 +128,9 @@ class ChunkStream:
 
         def offer(item) -> bool:
             while not stop.is_set():
-                try:
+                with contextlib.suppress(queue.Full):
                     q.put(item, timeout=_POLL_S)
                     return True
-                except queue.Full:
-                    continue
             return False
 
         def reader() -> None:
@@ -203,38 +142,38 @@ class ChunkStream:
                     if since_trim >= _TRIM_BYTES:
                         release_free_heap()
                         since_trim = 0
-                    if stop.is_set() or not offer(block):
+                    if not offer(block):  # the consumer has gone away
                         return
                     del block
             except BaseException as e:  # noqa: BLE001 - handed to the consumer, re-raised there
-                offer(_Failure(e))
+                offer(e)
                 return
             offer(_END)
-
-        def take(block: bool):
-            """The next queued item (``None`` when not blocking and nothing is ready yet)."""
-            try:
-                return q.get(block=block)
-            except queue.Empty:
-                return None
 
         def ready(item):
             """A device block from a host block; a reader failure is raised here, when the
             consumer asks for the block that failed (not while it holds the one before)."""
-            if isinstance(item, _Failure):
-                raise item.exc
-            return item if item is _END else self._put(item)
+            if isinstance(item, BaseException):
+                raise item
+            if item is _END or not self.to_device:
+                return item
+            Q, X, w = jax.device_put((item.Q, item.X, item.w), self.device)
+            return item._replace(Q=Q, X=X, w=w)
 
         thread = threading.Thread(target=reader, name=READER_THREAD_NAME, daemon=True)
         thread.start()
         try:
-            current = ready(take(True))
+            current = ready(q.get())
             while current is not _END:
-                ahead = take(False)  # already read? then start its copy before computing
-                nxt = ahead if ahead is None or isinstance(ahead, _Failure) else ready(ahead)
+                try:  # already read? then start its copy before computing
+                    nxt = q.get_nowait()
+                except queue.Empty:
+                    nxt = None
+                if nxt is not None and not isinstance(nxt, BaseException):
+                    nxt = ready(nxt)
                 self.cursor = current.index + 1
                 yield current
-                current = ready(take(True) if nxt is None else nxt)
+                current = ready(q.get() if nxt is None else nxt)
         finally:
             stop.set()
             thread.join()

@@ -1,24 +1,6 @@
-"""Several hosts: JAX's multi-process runtime for :mod:`scalemem._parallel`.
-
-Every process runs the same program: :func:`initialize` first (before any other JAX call), then
-the same :func:`scalemem._parallel.fit_source_sharded` call on the same store. The devices of all
-processes form one mesh; device ``i`` owns rows ``row_ranges(N, D)[i]`` and each process reads
-only the row ranges of its own devices (:func:`scalemem._parallel.local_row_ranges`). Statistics
-and gradients are summed over all devices with ``psum``; ``K``, ``V`` and the optimiser state are
-replicated, so every process ends with the same memory. Only process 0 writes files
-(:func:`is_writer`). See ``docs/distributed.md`` for launching on SLURM and over SSH.
-
-Consistency. Before the first step the processes compare their settings and a fingerprint of the
-data (:func:`check_consistent`; the fit functions call it): each process contributes a hash per
-field, the hashes are all-gathered, and a difference raises :class:`~scalemem.ConfigError` on
-every process, naming the field(s) and the processes that differ.
-
-Failure. :func:`initialize` starts JAX's coordination service with a heartbeat timeout
-(default 30 s). When a process dies, the coordination service notices the missing heartbeats
-(or, if process 0 died, every other process loses its connection at once) and terminates every
-other process (``SIGABRT``: exit status 134, or -6 as seen by ``subprocess``) instead of leaving it
-waiting in a collective forever: with the defaults the survivors exit within about 30 s.
-"""
+"""Several hosts: JAX's multi-process runtime under the engine's mesh (:mod:`.mesh`). Every
+process runs the same fit on the same data, checked by :func:`check_consistent`; only process 0
+writes files (docs/design.md, "Several processes"; docs/distributed.md for launching)."""
 
 from __future__ import annotations
 
@@ -30,19 +12,16 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
-from ._errors import ConfigError
-from ._validate import check_int
+from .._errors import ConfigError
+from .._validate import check_int
 
-__all__ = ["initialize", "is_initialized", "is_writer", "process_index", "process_count",
-           "barrier", "shutdown", "check_consistent", "source_fingerprint",
-           "HEARTBEAT_TIMEOUT_S"]
+__all__ = ["initialize", "is_writer", "process_index", "process_count", "barrier",
+           "check_consistent", "source_fingerprint", "array_digest", "HEARTBEAT_TIMEOUT_S"]
 
 HEARTBEAT_TIMEOUT_S = 30  # a dead process is declared dead after this long without heartbeats
 SHUTDOWN_TIMEOUT_S = 30  # how long a finishing process waits for the others at shutdown
-
-ENV_NUM_PROCESSES = "SCALEMEM_NUM_PROCESSES"
-ENV_PROCESS_ID = "SCALEMEM_PROCESS_ID"
 
 
 def _cluster_detected() -> str | None:
@@ -74,31 +53,20 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                initialization_timeout: int = 300) -> bool:
     """Join a multi-process run; call it before any other JAX computation.
 
-    ``coordinator`` is ``"HOST:PORT"`` of process 0 (which serves the coordination service on
-    that port), ``num_processes`` the number of processes and ``process_id`` this one's index
-    (``0 … num_processes-1``). Each one left out is taken from the environment:
-
-    * ``coordinator``: ``JAX_COORDINATOR_ADDRESS`` (with ``JAX_COORDINATOR_PORT`` under SLURM);
-    * ``num_processes``/``process_id``: ``SCALEMEM_NUM_PROCESSES``/``SCALEMEM_PROCESS_ID``;
-    * under SLURM (``srun``) or Open MPI (``mpirun``), JAX's own auto-detection fills in all
-      three (the coordinator is the first node of the job step, port derived from the job id),
-      and on GPUs gives each task one GPU (``SLURM_LOCALID``) unless ``local_device_ids`` or
-      ``JAX_LOCAL_DEVICE_IDS`` says otherwise.
-
-    With nothing given and no launcher detected this is a no-op (one process) and returns
-    False; otherwise it returns True once connected. CPU collectives use gloo. A process that
-    misses heartbeats for ``heartbeat_timeout_seconds`` is declared dead and every other
-    process is terminated (non-zero exit). Calling it again after a successful call is a no-op.
-    """
+    ``coordinator`` is ``"HOST:PORT"`` of process 0 (which serves the coordination service),
+    ``num_processes`` the number of processes and ``process_id`` this one's index; each one left
+    out comes from ``JAX_COORDINATOR_ADDRESS``, ``SCALEMEM_NUM_PROCESSES`` and
+    ``SCALEMEM_PROCESS_ID``, or under SLURM (``srun``) and Open MPI (``mpirun``) from JAX's own
+    auto-detection (docs/distributed.md). With nothing given and no launcher detected it
+    returns False (one process), else True once connected. A process that misses heartbeats
+    for ``heartbeat_timeout_seconds`` is declared dead and every other one terminated."""
     if jax.distributed.is_initialized():
         return True
     hb = check_int("heartbeat_timeout_seconds", heartbeat_timeout_seconds, 1)
     sd = check_int("shutdown_timeout_seconds", shutdown_timeout_seconds, 1)
     it = check_int("initialization_timeout", initialization_timeout, 1)
-    if num_processes is None:
-        num_processes = _env_int(ENV_NUM_PROCESSES)
-    if process_id is None:
-        process_id = _env_int(ENV_PROCESS_ID)
+    num_processes = _env_int("SCALEMEM_NUM_PROCESSES") if num_processes is None else num_processes
+    process_id = _env_int("SCALEMEM_PROCESS_ID") if process_id is None else process_id
     explicit = (coordinator is not None or num_processes is not None or process_id is not None
                 or bool(os.environ.get("JAX_COORDINATOR_ADDRESS")))
     cluster = _cluster_detected()
@@ -106,10 +74,9 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         return False
     if num_processes is not None:
         num_processes = check_int("num_processes", num_processes, 1)
-        if process_id is not None:
-            check_int("process_id", process_id, 0, num_processes - 1)
-    elif process_id is not None:
-        check_int("process_id", process_id, 0)
+    if process_id is not None:
+        hi = None if num_processes is None else num_processes - 1
+        check_int("process_id", process_id, 0, hi)
     if cluster is None:
         missing = [n for n, v in (("coordinator", coordinator or os.environ.get(
             "JAX_COORDINATOR_ADDRESS")), ("num_processes", num_processes),
@@ -121,8 +88,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                               "SCALEMEM_PROCESS_ID)")
         if num_processes == 1:
             return False
-    # gloo: collectives between CPU processes (the default of recent jaxlibs, set explicitly;
-    # harmless on GPU/TPU, where NCCL/ICI carry the collectives)
+    # gloo carries collectives between CPU processes (recent jaxlibs' default; on GPU/TPU unused)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(
@@ -132,28 +98,21 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
             shutdown_timeout_seconds=sd)
     except RuntimeError as e:
         if "must be called before" in str(e):
-            raise ConfigError("initialize", "late", "scalemem._distributed.initialize() must run "
+            raise ConfigError("initialize", "late", "scalemem.initialize_distributed() must run "
                               "before any JAX computation (also jax.devices())") from e
         raise
     except ValueError as e:
-        raise ConfigError("initialize", dict(coordinator=coordinator,
-                                             num_processes=num_processes,
-                                             process_id=process_id), str(e)) from e
+        given = dict(coordinator=coordinator, num_processes=num_processes, process_id=process_id)
+        raise ConfigError("initialize", given, str(e)) from e
     return True
 
 
-def is_initialized() -> bool:
-    """True inside a multi-process run joined with :func:`initialize` (or
-    ``jax.distributed.initialize``)."""
-    return jax.distributed.is_initialized()
-
-
 def process_index() -> int:
-    return jax.process_index() if is_initialized() else 0
+    return jax.process_index() if jax.distributed.is_initialized() else 0
 
 
 def process_count() -> int:
-    return jax.process_count() if is_initialized() else 1
+    return jax.process_count() if jax.distributed.is_initialized() else 1
 
 
 def is_writer() -> bool:
@@ -163,29 +122,25 @@ def is_writer() -> bool:
 
 
 def barrier(name: str) -> None:
-    """Wait until every process reaches ``barrier(name)`` (no-op in one process); e.g. before
-    the other processes read a file the writer has just written."""
+    """Wait until every process reaches ``barrier(name)`` (no-op in one process)."""
     if process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
-def shutdown() -> None:
-    """Leave the multi-process run (JAX also does this at exit)."""
-    if is_initialized():
-        jax.distributed.shutdown()
-
-
-# ----------------------------------------------------------------------------------------------
-# consistency
+def array_digest(*arrays) -> str:
+    """A hash of the arrays' shapes, dtypes and contents (hex)."""
+    h = hashlib.blake2b(digest_size=16)
+    for a in arrays:
+        a = np.ascontiguousarray(np.asarray(a))
+        h.update(f"{a.shape}{a.dtype.str}".encode())
+        h.update(a)
+    return h.hexdigest()
 
 
 def _canonical(value: Any) -> str:
     if isinstance(value, np.ndarray):
-        return f"ndarray{value.shape}{value.dtype.str}:" + hashlib.blake2b(
-            np.ascontiguousarray(value).tobytes(), digest_size=16).hexdigest()
-    if isinstance(value, (np.generic,)):
+        return "ndarray:" + array_digest(value)
+    if isinstance(value, np.generic):
         value = value.item()
     return json.dumps(value, sort_keys=True, default=repr)
 
@@ -198,16 +153,13 @@ def _digest(text: str) -> list[int]:
 
 
 def _allgather(words: list[int]) -> np.ndarray:
-    from jax.experimental import multihost_utils
-
     return np.asarray(multihost_utils.process_allgather(np.asarray(words, np.int32)))
 
 
 def check_consistent(config: Mapping[str, Any]) -> None:
-    """Check that every process passed the same ``config`` (field name → JSON-able value);
-    raise :class:`~scalemem.ConfigError` on every process otherwise, naming the fields that
-    differ and the processes that hold another value than process 0. No-op in one process.
-    Collective: every process must call it at the same point."""
+    """Check that every process passed the same ``config`` (field → JSON-able value), else raise
+    :class:`~scalemem.ConfigError` on every process naming the fields and processes that differ
+    from process 0. Collective (every process calls it at the same point); no-op in one."""
     if process_count() < 2:
         return
     fields = sorted(config)
@@ -219,16 +171,13 @@ def check_consistent(config: Mapping[str, Any]) -> None:
         raise ConfigError("config", fields, f"processes {bad} run with other settings than "
                           "process 0 (another scalemem version or call); every process must "
                           "run the same command on the same data")
-    words = []
-    for f in fields:
-        words += _digest(_canonical(config[f]))
+    words = [w for f in fields for w in _digest(_canonical(config[f]))]
     table = _allgather(words).reshape(process_count(), len(fields), 2)
     differ = (table != table[0]).any(axis=2)  # (processes, fields)
     bad_fields = [fields[j] for j in range(len(fields)) if differ[:, j].any()]
     if bad_fields:
         first = bad_fields[0]
-        j = fields.index(first)
-        procs = [int(i) for i in np.nonzero(differ[:, j])[0]]
+        procs = [int(i) for i in np.nonzero(differ[:, fields.index(first)])[0]]
         others = f" (also differ: {', '.join(bad_fields[1:])})" if len(bad_fields) > 1 else ""
         raise ConfigError(first, config[first],
                           f"differs between the processes of this run: process(es) {procs} "
@@ -238,11 +187,9 @@ def check_consistent(config: Mapping[str, Any]) -> None:
 
 
 def source_fingerprint(source) -> dict:
-    """What identifies a source's data without reading rows: its shape, dtypes, scales, views,
-    row range within the store and the store's ``scalemem`` attribute (splits, views, data set
-    description). Reads no rows: each process may only read its own ranges."""
-    store = getattr(source, "_store", None)
-    meta = getattr(store, "meta", None)
+    """What identifies a source's data without reading rows (each process may only read its
+    own): shape, dtypes, scales, views, row range and the store's ``scalemem`` attribute."""
+    meta = getattr(source, "store_meta", None)
     return dict(
         rows=int(source.rows), key_dim=int(source.key_dim), value_dim=int(source.value_dim),
         key_dtype=str(np.dtype(source.key_dtype)), value_dtype=str(np.dtype(source.value_dtype)),

@@ -1,0 +1,135 @@
+"""The command line as a user runs it, against the seed's prototype, in one run on one machine.
+
+    python benchmarks/cli_fit.py --data-dir DIR [--prototypes 256] [--seed-recipe] [--json OUT]
+
+1. The prototype's 1000-step time on fit60k (its median step time over ``--proto-rounds`` rounds
+   of ``--proto-steps`` steps, before and after the CLI runs, × 1000).
+2. ``scalemem fit fm.zarr --rows fit60k --prototypes P --out R`` with every other setting at its
+   default, from process start to exit: once with an empty compilation cache (cold) and once
+   more with the cache it left (warm); then ``scalemem eval R --rows test10k``.
+3. The CLI's time per step (from its ``metrics.jsonl``, steps after the first) against
+   ``scalemem.fit_source`` and ``scalemem.fit`` (float32 arrays) on the same rows and settings
+   in this process (same measure, from their step callbacks).
+4. With ``--seed-recipe``: ``scalemem fit … --recipe seed`` (1000 steps) and its test RMSE.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import prototype  # noqa: E402
+
+import scalemem  # noqa: E402
+from scalemem.datasets import fashion_mnist  # noqa: E402
+
+
+def prototype_step_seconds(Qf, Xf, P, steps, rounds) -> list[float]:
+    Q, X = jnp.asarray(Qf), jnp.asarray(Xf)
+    K, _, st, opt = prototype.init(P, Q)
+    V = jnp.zeros((P, X.shape[1]), jnp.float32)
+    K, V, st = prototype.step(K, V, st, opt, Q, X)  # compile
+    jax.block_until_ready(K)
+    out = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(steps):
+            K, V, st = prototype.step(K, V, st, opt, Q, X)
+        jax.block_until_ready(K)
+        out.append((time.perf_counter() - t) / steps)
+    return out
+
+
+def cli(*args, env) -> tuple[float, str]:
+    t = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "scalemem", *args], env=env, capture_output=True,
+                       text=True)
+    wall = time.perf_counter() - t
+    if p.returncode != 0:
+        raise SystemExit(f"scalemem {' '.join(args)} failed:\n{p.stderr[-3000:]}")
+    return wall, p.stdout
+
+
+def step_seconds(seconds: list[float]) -> float:
+    """Median time per step from cumulative per-step clock readings, first step excluded."""
+    return statistics.median(b - a for a, b in zip(seconds[1:], seconds[2:]))
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir", required=True, type=Path)
+    ap.add_argument("--prototypes", type=int, default=256)
+    ap.add_argument("--proto-steps", type=int, default=5)
+    ap.add_argument("--proto-rounds", type=int, default=3)
+    ap.add_argument("--seed-recipe", action="store_true")
+    ap.add_argument("--json", type=Path, default=None)
+    a = ap.parse_args(argv)
+    P = a.prototypes
+    work = Path(tempfile.mkdtemp(prefix="scalemem-cli-"))
+    env = dict(os.environ, SCALEMEM_CACHE_DIR=str(work / "cache"))
+    store = work / "fm.zarr"
+    cli("data", "fashion-mnist", "--from", str(a.data_dir), "--out", str(store), env=env)
+    Qf, Xf, _, _ = fashion_mnist.reference_split(a.data_dir, "fit60k", "test10k")
+    res: dict = {"prototypes": P, "device": str(jax.devices()[0].device_kind)}
+
+    proto = prototype_step_seconds(Qf, Xf, P, a.proto_steps, a.proto_rounds)
+    runs = {}
+    for name in ("cold", "warm"):
+        out = work / f"default-{name}"
+        wall, _ = cli("fit", str(store), "--rows", "fit60k", "--prototypes", str(P), "--out",
+                      str(out), "--quiet", env=env)
+        _, text = cli("eval", str(out), "--rows", "test10k", "--json", "--quiet", env=env)
+        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().split()]
+        runs[name] = {"wall_seconds": wall, "test_rmse": json.loads(text)["rmse"],
+                      "steps": len(metrics),
+                      "step_seconds": step_seconds([m["seconds"] for m in metrics])}
+    proto += prototype_step_seconds(Qf, Xf, P, a.proto_steps, a.proto_rounds)
+    res["prototype_1000_step_seconds"] = 1000 * statistics.median(proto)
+    res["prototype_step_seconds_rounds"] = proto
+    res["cli_default"] = runs
+    for name, r in runs.items():
+        r["ratio_to_prototype_1000_steps"] = r["wall_seconds"] / res["prototype_1000_step_seconds"]
+
+    clock: list[float] = []
+    t0 = time.perf_counter()
+    with scalemem.open_source(store, rows="fit60k") as src:
+        scalemem.fit_source(src, P, callback=lambda r: clock.append(time.perf_counter() - t0))
+    res["python_step_seconds"] = step_seconds(clock)
+    res["ratio_cli_step_to_python_step"] = runs["warm"]["step_seconds"] / res[
+        "python_step_seconds"]
+    clock = []
+    t0 = time.perf_counter()
+    scalemem.fit(Qf, Xf, P, callback=lambda r: clock.append(time.perf_counter() - t0))
+    res["python_fit_arrays_step_seconds"] = step_seconds(clock)
+    res["ratio_cli_step_to_python_fit_arrays_step"] = runs["warm"]["step_seconds"] / res[
+        "python_fit_arrays_step_seconds"]
+
+    if a.seed_recipe:
+        out = work / "seed"
+        wall, _ = cli("fit", str(store), "--rows", "fit60k", "--prototypes", str(P), "--recipe",
+                      "seed", "--out", str(out), "--quiet", env=env)
+        _, text = cli("eval", str(out), "--rows", "test10k", "--json", "--quiet", env=env)
+        res["cli_seed_recipe"] = {"wall_seconds": wall, "test_rmse": json.loads(text)["rmse"]}
+    print(json.dumps(res, indent=2))
+    if a.json:
+        a.json.write_text(json.dumps(res, indent=2) + "\n")
+    return res
+
+
+if __name__ == "__main__":
+    main()

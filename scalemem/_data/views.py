@@ -1,0 +1,128 @@
+"""View specs (a 2-D array of a store, optionally columns and a scale) and row selections; the
+rules: docs/design.md, "Stores, views and rows"::
+
+    SPEC    := NAME [ "[" COLUMNS "]" ] [ SCALE ]       e.g. pixels[@key_columns]/255
+    COLUMNS := ITEM ("," ITEM)*     ITEM := INT | [INT] ":" [INT] [":" INT] | "@" NAME
+    SCALE   := "/" NUMBER | "*" NUMBER
+
+Rows are ``None`` (all), a split recorded in the store, ``"START:STOP"`` or ``(START, STOP)``.
+A malformed spec, a column or row outside the array or an unknown split is a
+:class:`~scalemem.ConfigError` whose ``field`` is ``keys``, ``values`` or ``rows``."""
+from __future__ import annotations
+
+import dataclasses
+import numbers
+import re
+from collections.abc import Mapping
+
+import numpy as np
+
+from .._errors import ConfigError, DataError
+
+__all__ = ["View", "parse_view", "row_range", "INT_RE"]
+
+_SEGMENT = r"[A-Za-z_][\w.\-]*"
+_NAME = rf"{_SEGMENT}(?:/{_SEGMENT})*"
+_NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
+_SPEC_RE = re.compile(rf"^\s*(?P<name>{_NAME})\s*(?:\[(?P<cols>[^\]]*)\])?\s*"
+                      rf"(?:(?P<op>[*/])\s*(?P<num>{_NUMBER}))?\s*$")
+INT_RE = re.compile(r"^\s*[+-]?\d+\s*$")
+_REF_RE = re.compile(rf"^\s*@\s*(?P<name>{_NAME})\s*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class View:
+    """A parsed view spec. ``columns`` holds the unresolved column items (``None`` for all
+    columns): ``int``, ``slice`` or ``str`` (the name of an index array)."""
+
+    array: str
+    columns: tuple[int | slice | str, ...] | None = None
+    scale: float | None = None
+    text: str = ""
+
+    def __str__(self) -> str:
+        return self.text or self.array
+
+
+def _int(text: str, field: str, spec: str) -> int:
+    if not INT_RE.match(text):
+        raise ConfigError(field, spec, f"column item {text.strip()!r} is not an integer")
+    return int(text)
+
+
+def parse_view(spec: str | View, field: str = "view") -> View:
+    """Parse a view spec (grammar in the module docstring). ``field`` names the setting in
+    errors (``keys``/``values``). A :class:`View` is returned unchanged."""
+    if isinstance(spec, View):
+        return spec
+    if not isinstance(spec, str):
+        raise ConfigError(field, spec, "a view spec must be a string such as 'pixels[0:78]/255'")
+    m = _SPEC_RE.match(spec)
+    if m is None:
+        raise ConfigError(field, spec, "not a view spec; expected NAME, NAME[COLUMNS] and an "
+                          "optional scale, e.g. 'pixels', 'pixels[0:78]', 'pixels[3,17,40]', "
+                          "'pixels[@key_columns]/255'")
+    cols = None
+    if m.group("cols") is not None:
+        items: list[int | slice | str] = []
+        for raw in m.group("cols").split(","):
+            if not raw.strip():
+                raise ConfigError(field, spec, "empty column item (stray comma or empty brackets)")
+            ref = _REF_RE.match(raw)
+            parts = [] if ref else raw.split(":")  # one part: a column, two or three: a slice
+            if len(parts) > 3:
+                raise ConfigError(field, spec, f"column slice {raw.strip()!r} has too many ':'")
+            nums = [_int(p, field, spec) if p.strip() else None for p in parts]
+            if any(x is not None and x < 0 for x in nums[:2]):
+                raise ConfigError(field, spec, "column indices must be non-negative")
+            if len(nums) == 3 and nums[2] is not None and nums[2] <= 0:
+                raise ConfigError(field, spec, "a column slice step must be positive")
+            items.append(ref.group("name") if ref else nums[0] if len(nums) == 1 else slice(*nums))
+        cols = tuple(items)
+    scale = None
+    if m.group("op"):
+        scale = float(m.group("num"))
+        if m.group("op") == "/":
+            if scale == 0.0:
+                raise ConfigError(field, spec, "division by zero in the scale")
+            scale = 1.0 / scale
+        if not np.isfinite(scale) or scale == 0.0:
+            raise ConfigError(field, spec, "the scale must be finite and non-zero")
+    return View(m.group("name"), cols, scale, spec.strip())
+
+
+def row_range(rows, total: int, splits: Mapping, where: str) -> tuple[int, int, str]:
+    """``(start, stop, label)`` of a row selection (see the module docstring)."""
+    if rows is None:
+        return 0, total, "all rows"
+    if isinstance(rows, tuple) and len(rows) == 2:
+        a, b = rows
+        if not all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in rows):
+            raise ConfigError("rows", rows, "a row range must be two integers (START, STOP)")
+        label = f"{a}:{b}"
+    elif isinstance(rows, str):
+        text = rows.strip()
+        if ":" in text:
+            parts = text.split(":")
+            if len(parts) != 2 or not all(INT_RE.match(p) or not p.strip() for p in parts):
+                raise ConfigError("rows", rows, "expected a split name or START:STOP, e.g. 0:10000")
+            a, b = (int(p) if p.strip() else default for p, default in zip(parts, (0, total)))
+        else:
+            if text not in splits:
+                known = ", ".join(sorted(splits)) or "none recorded"
+                raise ConfigError("rows", rows, f"unknown split in {where} (splits: {known}); "
+                                  "or give a row range START:STOP")
+            try:
+                a, b = (int(x) for x in splits[text])
+            except (TypeError, ValueError) as e:
+                raise DataError(f"{where}: split {text!r} is {splits[text]!r}, expected "
+                                "[START, STOP]") from e
+        label = text
+    else:
+        raise ConfigError("rows", rows, "expected None, a split name, 'START:STOP' or "
+                          "(START, STOP)")
+    a, b = int(a), int(b)
+    if not 0 <= a < b <= total:
+        raise ConfigError("rows", rows, f"row range {a}:{b} is empty or outside the {total} rows "
+                          f"of {where}")
+    return a, b, label

@@ -1,0 +1,218 @@
+"""The ``scalemem`` command line, generated from the configuration dataclasses: every flag is a
+field of :mod:`scalemem._config` or :mod:`.options`. Settings precedence, ``--json`` and exit
+status: docs/design.md, "The command line"."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tomllib
+from typing import Any, Callable
+
+from .. import __version__
+from .._config import DataConfig, FitConfig, RunConfig, check_value
+from .._errors import ConfigError, ScalememError
+from . import commands
+from .options import (EvalConfig, FashionMNISTConfig, FitSession, PredictConfig,
+                      ReproduceConfig, Session, SyntheticConfig)
+from .runs import RunInterrupted, saved_config
+
+__all__ = ["main", "build_parser", "resolve", "COMMANDS", "Command"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """A subcommand: its settings are the fields of ``classes``; its help line and description
+    are the first line and the rest of ``run``'s docstring."""
+    key: str  # "fit", "data fashion-mnist", …
+    table: str  # its TOML table
+    classes: tuple  # the dataclasses whose fields are its settings
+    run: Callable
+    epilog: str = ""
+
+    @property
+    def help(self) -> str:
+        return self.run.__doc__.split("\n", 1)[0]
+
+    @property
+    def description(self) -> str:
+        return " ".join(self.run.__doc__.split("\n", 1)[1].split())
+
+    def fields(self) -> list[dataclasses.Field]:
+        """The fields of its classes; of two fields of one name the first class's wins
+        (``reproduce --prototypes`` is its list of P, each fit's P comes from it)."""
+        out: dict[str, dataclasses.Field] = {}
+        for f in (f for c in self.classes for f in dataclasses.fields(c)):
+            out.setdefault(f.name, f)
+        return list(out.values())
+
+
+COMMANDS = [
+    Command("data fashion-mnist", "data", (FashionMNISTConfig, Session), commands.data_fmnist),
+    Command("data synthetic", "data", (SyntheticConfig, Session), commands.data_synthetic),
+    Command("fit", "fit", (DataConfig, FitConfig, RunConfig, FitSession), commands.fit,
+            "SIGINT/SIGTERM write a checkpoint and stop (exit 130/143); `scalemem fit --resume "
+            "RUN` continues bit-identically."),
+    Command("eval", "eval", (EvalConfig, Session), commands.evaluate),
+    Command("predict", "predict", (PredictConfig, Session), commands.predict),
+    Command("reproduce", "reproduce", (ReproduceConfig, FitConfig, Session), commands.reproduce),
+]
+
+
+def _flag(f) -> str:
+    return f.metadata["flag"] or "--" + f.name.replace("_", "-")
+
+
+def _parse(f) -> Callable:
+    """The argparse ``type=`` of a field: converts text and validates like the dataclass."""
+    kind = f.metadata["type"]
+
+    def parse(text):
+        value = {int: int, float: float}.get(kind, str)(text) if kind != "ints" else text
+        try:
+            return check_value(f.name, value, f.metadata)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = {int: "integer", float: "number"}.get(kind, "value")
+    return parse
+
+
+def _help(f) -> str:
+    text = f.metadata["help"].replace("%", "%%")
+    if f.default is not None and f.default is not False and "default" not in text:
+        text += f" (default: {f.default})"
+    return text + (f" [config: {f.name}]" if f.metadata["toml"] else "")
+
+
+def _add_options(p: argparse.ArgumentParser, cmd: Command) -> None:
+    groups = {}
+    for f in cmd.fields():
+        owner = next(c.__name__ for c in cmd.classes if f in dataclasses.fields(c))
+        g = groups.setdefault(owner, p.add_argument_group(owner))
+        kw = dict(default=argparse.SUPPRESS, help=_help(f))
+        if f.metadata["positional"]:
+            g.add_argument(f.name, nargs="?", metavar=f.metadata["metavar"], **kw)
+        elif f.metadata["type"] is bool:
+            g.add_argument(_flag(f), dest=f.name, action=argparse.BooleanOptionalAction, **kw)
+        else:
+            g.add_argument(_flag(f), dest=f.name, type=_parse(f), metavar=f.metadata["metavar"],
+                           **kw)
+    p.set_defaults(_command=cmd)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="scalemem", formatter_class=fmt,
+        description="Fit differentiable memory (attention as a lossy key-value store) to data "
+        "of any size.\n\nTypical session:\n"
+        "  scalemem data fashion-mnist --from DIR --out fm.zarr\n"
+        "  scalemem fit fm.zarr --rows fit60k --prototypes 256 --out runs/p256\n"
+        "  scalemem eval runs/p256 --rows test10k --plots\n"
+        "  scalemem predict runs/p256 fm.zarr --rows test10k --out pred.zarr",
+        epilog="Settings: defaults < the resumed run's config.json < --config FILE (TOML) < "
+        "command-line flags. Exit status: 0 done, 2 error.")
+    parser.add_argument("--version", action="version", version=f"scalemem {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    data = sub.add_parser("data", help="write a store (Zarr or HDF5) to fit from",
+                          description="Write a dataset as a chunked store (Zarr v3 directory or "
+                          "HDF5 file) with row splits and default key/value views.")
+    dsub = data.add_subparsers(dest="dataset", metavar="DATASET", required=True)
+    for cmd in COMMANDS:
+        parent, name = (dsub, cmd.key.split()[1]) if cmd.key.startswith("data ") else (
+            sub, cmd.key)
+        _add_options(parent.add_parser(name, help=cmd.help, description=cmd.description,
+                                       epilog=cmd.epilog or None, formatter_class=fmt), cmd)
+    return parser
+
+
+def _toml_settings(path: str, cmd: Command) -> dict:
+    """The settings of ``cmd`` in the TOML file ``path``: its top-level keys that are settings of
+    some command, and its ``[TABLE]`` of ``cmd``, whose keys must all be ``cmd``'s."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError as e:
+        raise ConfigError("config", path, "no such file") from e
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError("config", path, f"not a valid TOML file ({e})") from e
+    tables = {c.table for c in COMMANDS}
+    mine = {f.name: f for f in cmd.fields() if f.metadata["toml"]}
+    known = {f.name for c in COMMANDS for f in c.fields() if f.metadata["toml"]}
+    top = {k: v for k, v in data.items() if not (k in tables and isinstance(v, dict))}
+    table = data[cmd.table] if isinstance(data.get(cmd.table), dict) else {}
+    out: dict[str, Any] = {}
+    for items, where, strict in ((top, path, False), (table, f"{path} [{cmd.table}]", True)):
+        for raw, value in items.items():
+            key = {"from": "from_dir"}.get(raw.replace("-", "_"), raw.replace("-", "_"))
+            if key in mine:
+                try:
+                    out[key] = check_value(key, value, mine[key].metadata)
+                except ConfigError as e:
+                    raise ConfigError(key, value, f"in {where}: {str(e).split(': ', 1)[1]}") \
+                        from None
+            elif strict or key not in known:
+                raise ConfigError(raw, value, f"in {where}: not a setting of `scalemem "
+                                  f"{cmd.key}` (settings: {', '.join(sorted(mine))})")
+    return out
+
+
+def resolve(cmd: Command, given: dict) -> dict:
+    """The command's settings, merged by precedence (validated when the command builds its
+    configuration objects from them)."""
+    cfg = {f.name: f.default for f in cmd.fields()}
+    toml = _toml_settings(given["config"], cmd) if given.get("config") else {}
+    resume = given.get("resume", toml.get("resume")) if cmd.key == "fit" else None
+    if resume is not None:
+        session = {f.name for f in dataclasses.fields(FitSession)}
+        cfg.update({k: v for k, v in saved_config(resume).items()
+                    if k in cfg and k not in session})
+    cfg.update(toml)
+    cfg.update({k: v for k, v in given.items() if k in cfg})
+    return cfg
+
+
+def _printer(cfg: dict) -> Callable[..., None]:
+    """Human-readable output: stdout, or stderr under --json; nothing under --quiet."""
+
+    def say(*parts) -> None:
+        if not cfg.get("quiet"):
+            print(*parts, file=sys.stderr if cfg.get("json") else sys.stdout, flush=True)
+
+    return say
+
+
+def main(argv: list[str] | None = None) -> int:
+    # The LAPACK calls of a step are small P×P factorisations: one BLAS thread beats a pool whose
+    # threads spin against XLA's. SciPy's OpenBLAS, which JAX's CPU LAPACK kernels use, is loaded
+    # at the first solve, after this line; a value set by the user wins.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    ns = build_parser().parse_args(argv)
+    cmd: Command = ns._command
+    given = {k: v for k, v in vars(ns).items() if not k.startswith("_")}
+    json_out = bool(given.get("json"))
+    try:
+        cfg = resolve(cmd, given)
+        json_out = bool(cfg.get("json"))
+        result = cmd.run(cfg, _printer(cfg))
+    except RunInterrupted as e:
+        print(f"scalemem {cmd.key}: {e}", file=sys.stderr, flush=True)
+        if json_out:
+            print(json.dumps(e.result), flush=True)
+        return e.exit_code
+    except ScalememError as e:
+        print(f"scalemem {cmd.key}: error: {e}", file=sys.stderr, flush=True)
+        if json_out:
+            print(json.dumps({"error": type(e).__name__, "message": str(e),
+                              "field": getattr(e, "field", None)}), flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print(f"scalemem {cmd.key}: interrupted", file=sys.stderr)
+        return 130
+    if json_out:
+        print(json.dumps(result), flush=True)
+    return 0

@@ -1,0 +1,253 @@
+"""What each ``scalemem`` command does with its resolved settings (``cfg``: setting → value) and
+its printer ``say``; each returns the object that ``--json`` prints."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .._config import FitConfig, build
+from .._data import StoreWriter, open_source, write_fashion_mnist, write_synthetic
+from .._engine import evaluate as evaluate_memory
+from .._engine import fit as fit_memory
+from .._engine import initialize, load_with_metadata, predict_in_chunks
+from .._errors import ConfigError, DataError
+from ..datasets import fashion_mnist
+from .options import (EvalConfig, FashionMNISTConfig, PredictConfig, ReproduceConfig,
+                      SyntheticConfig)
+from .plots import eval_plots, plot_rmse_vs_prototypes
+from .runs import EVAL_FILE, absolute, fit_run, open_data, write_json
+
+__all__ = ["data_fmnist", "data_synthetic", "fit", "evaluate", "predict", "reproduce",
+           "SEED_TABLE"]
+
+
+def _store_format(out, fmt):
+    return fmt or ("hdf5" if Path(out).suffix.lower() in (".h5", ".hdf5", ".hdf") else "zarr")
+
+
+def _need(value, name: str, flag: str, what: str) -> None:
+    if value is None:
+        raise ConfigError(name, None, f"missing: give {flag} ({what})")
+
+
+def data_fmnist(cfg: dict, say) -> dict:
+    """Fashion-MNIST from its IDX files
+
+    Write Fashion-MNIST (70000 rows in the reference permutation: pixels 70000×784 uint8,
+    labels, key_columns; splits fit10k, test60k, fit60k, test10k, all; default views keys
+    pixels[@key_columns]/255, values pixels/255)."""
+    c = build(FashionMNISTConfig, cfg)
+    _need(c.from_dir, "from_dir", "--from DIR", "the folder with the Fashion-MNIST IDX files")
+    _need(c.out, "out", "--out STORE", "the store to write")
+    fmt = _store_format(c.out, c.format)
+    if c.download:
+        fashion_mnist.download(c.from_dir)
+    t0 = time.perf_counter()
+    path = write_fashion_mnist(c.from_dir, c.out, format=fmt, overwrite=c.overwrite,
+                               chunk_rows=c.chunk_rows)
+    res = {"store": str(path), "format": fmt, "rows": 70000,
+           "arrays": ["pixels", "labels", "key_columns", "source_row"],
+           "splits": list(fashion_mnist.SPLITS), "seconds": time.perf_counter() - t0}
+    say(f"wrote {path} ({fmt}): pixels 70000×784 uint8, labels, key_columns; splits "
+        f"{', '.join(res['splits'])}")
+    return res
+
+
+def data_synthetic(cfg: dict, say) -> dict:
+    """a synthetic data set of any size
+
+    Write a synthetic store (keys: a noisy projection of a Gaussian latent; values: a smooth
+    function of it), generated block by block; arrays keys and values, splits all, fit, test."""
+    c = build(SyntheticConfig, cfg)
+    _need(c.out, "out", "--out STORE", "the store to write")
+    _need(c.rows, "rows", "--rows N", "the number of rows")
+    fmt = _store_format(c.out, c.format)
+    path = write_synthetic(c.out, c.rows, key_dim=c.key_dim, value_dim=c.value_dim,
+                           latent_dim=c.latent_dim, dtype=c.dtype, format=fmt, seed=c.seed,
+                           noise=c.noise, chunk_rows=c.chunk_rows, overwrite=c.overwrite)
+    say(f"wrote {path} ({fmt}, {c.rows} rows, keys {c.key_dim} × {c.dtype}, values "
+        f"{c.value_dim} × {c.dtype}; splits all, fit, test)")
+    return {"store": str(path), "format": fmt, "rows": c.rows, "arrays": ["keys", "values"],
+            "splits": ["all", "fit", "test"]}
+
+
+def fit(cfg: dict, say) -> dict:
+    """fit a memory to a store (checkpointed, resumable)
+
+    Fit P prototypes: V is solved exactly (ridge, float64 statistics) at every step and K moved
+    by Adam. The rows stay on the devices when they fit (--residency auto) and are streamed from
+    the store otherwise. Writes the run folder RUN: config.json (the resolved settings),
+    metrics.jsonl, checkpoints/ and model.npz."""
+    resume = cfg.get("resume")
+    if resume is not None:
+        if cfg.get("out") is not None and Path(cfg["out"]).resolve() != Path(resume).resolve():
+            raise ConfigError("out", cfg["out"], f"--resume continues the run in {resume}; "
+                              "leave out --out (or give the same folder)")
+        cfg["out"] = resume
+    elif cfg.get("store") is None:
+        raise ConfigError("store", None, "give the store to fit (scalemem fit STORE …), or "
+                          "--resume RUN")
+    if (cfg.get("processes") or 0) > 1 or any(  # one process of several: join them before JAX
+            os.environ.get(v) for v in ("JAX_COORDINATOR_ADDRESS", "SCALEMEM_NUM_PROCESSES")):
+        if cfg.get("json"):
+            _stdout_for_json_only()
+        initialize(num_processes=cfg.get("processes") or None)
+    return fit_run(cfg, resume=resume is not None, say=say, progress=not cfg.get("quiet"))
+
+
+def _stdout_for_json_only() -> None:
+    """Keep stdout for the ``--json`` object in a multi-process run: the collectives library
+    that ``jax.distributed`` loads (gloo on CPUs) prints connection lines on file descriptor 1,
+    so that descriptor is pointed at stderr and Python's ``sys.stdout`` writes to the original
+    stdout through a descriptor of its own."""
+    sys.stdout.flush()
+    original = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = os.fdopen(original, "w", buffering=1)
+
+
+def _model(path, c):
+    """The model file or run folder ``path``: ``(path, memory, metadata, its config, store,
+    keys view)``, the store and keys view being ``c``'s, else the ones it was fitted on."""
+    path = Path(path).expanduser().resolve()
+    memory, meta = load_with_metadata(path)
+    mcfg = meta.get("config") or {}
+    store = absolute(c.store or meta.get("store") or mcfg.get("store"))
+    return path, memory, meta, mcfg, store, c.keys or meta.get("key_view") or mcfg.get("keys")
+
+
+def evaluate(cfg: dict, say) -> dict:
+    """evaluate a model on rows of a store
+
+    Evaluate a model on a store: RMSE per value entry and the row count (with labels also
+    accuracy and log-loss, probabilities clipped to [1e-7, 1] and renormalised). Writes
+    RUN/eval.json."""
+    c = build(EvalConfig, cfg)
+    _need(c.run, "run", "RUN", "the run folder or model file to evaluate")
+    path, memory, meta, mcfg, store, keys = _model(c.run, c)
+    labels = bool(c.values_are_labels or mcfg.get("values_are_labels"))
+    # a label model's value view is its one-hot encoding: the label array comes from its config
+    values = c.values or (None if labels else meta.get("value_view")) or mcfg.get("values")
+    with open_data(store, keys, values, c.rows, labels=labels,
+                   classes=(mcfg.get("classes") or memory.value_dim) if labels else None) as source:
+        if (memory.key_dim, memory.value_dim) != (source.key_dim, source.value_dim):
+            raise DataError(f"{source.name}: the model maps {memory.key_dim} key columns to "
+                            f"{memory.value_dim} value columns; these views give "
+                            f"{source.key_dim} and {source.value_dim}: pass the --keys/--values "
+                            "the model was fitted with")
+        t0 = time.perf_counter()
+        r = evaluate_memory(memory, source, labels=labels, chunk_rows=c.chunk_rows)
+        res = {k: v for k, v in r.items() if k != "sse"}  # rmse, rows (accuracy, log_loss)
+        if labels:
+            res.update(log_loss_note="probabilities clipped to [1e-07, 1] and renormalised",
+                       classes=memory.value_dim)
+        res.update(seconds=time.perf_counter() - t0, model=str(path), store=store,
+                   keys=source.key_view, values=values if labels else source.value_view,
+                   split=source.split, prototypes=memory.prototypes)
+        if c.plots:
+            res["plots"] = eval_plots(path if path.is_dir() else path.parent, memory, meta,
+                                      source, res, labels)
+        if path.is_dir():
+            write_json(path / EVAL_FILE, res)
+    what = (f"accuracy {res['accuracy']:.4f}, log-loss {res['log_loss']:.4f} "
+            f"({res['log_loss_note']}), " if labels else "")
+    say(f"{res['split']} of {store}: {what}RMSE {res['rmse']:.6f} over {res['rows']} rows")
+    return res
+
+
+def predict(cfg: dict, say) -> dict:
+    """write a model's predictions to a Zarr/HDF5 store
+
+    Predict softmax(s·Q Kᵀ + b) V for every selected row of a store and write the predictions
+    chunk by chunk to a new store (written atomically)."""
+    c = build(PredictConfig, cfg)
+    _need(c.model, "model", "MODEL", "the model file or run folder to predict with")
+    _need(c.out, "out", "--out OUT", "the store to write (.zarr directory or .h5 file)")
+    path, memory, meta, mcfg, store, keys = _model(c.model, c)
+    _need(store, "store", "STORE", "the store whose keys to predict for")
+    out = Path(c.out).expanduser()
+    fmt = _store_format(out, c.format)
+    labels = bool(mcfg.get("values_are_labels"))
+    with open_source(store, keys=keys, values=keys, rows=c.rows) as source:
+        if memory.key_dim != source.key_dim:
+            raise DataError(f"{source.name}: the model takes {memory.key_dim} key columns, "
+                            f"view {source.key_view!r} has {source.key_dim}; pass the --keys "
+                            "the model was fitted with")
+        n, t0 = int(source.rows), time.perf_counter()
+        dtype = np.dtype(str(memory.K.dtype))
+        chunk = min(c.chunk_rows, n)
+        with StoreWriter(out, fmt, overwrite=c.overwrite) as w:
+            pw = w.create_array("predictions", (n, memory.value_dim), dtype, chunk_rows=chunk)
+            lw = (w.create_array("predicted_labels", (n, 1), np.int32, chunk_rows=chunk)
+                  if labels else None)
+            for s in range(0, n, chunk):
+                Q, _ = source.read(s, min(s + chunk, n))
+                p = predict_in_chunks(memory, Q, chunk, key_scale=source.key_scale)
+                pw.append(p)
+                if lw is not None:
+                    lw.append(np.argmax(p, axis=1).astype(np.int32)[:, None])
+            w.meta.update(rows=n, splits={"all": [0, n]}, model=str(path), source=store,
+                          keys=source.key_view, source_rows=source.split,
+                          description="predictions of a scalemem memory (scalemem predict)",
+                          views={"values": "predictions"})
+    res = {"out": str(out), "format": fmt, "array": "predictions", "rows": n,
+           "columns": memory.value_dim, "seconds": time.perf_counter() - t0, "model": str(path)}
+    if labels:
+        res["labels_array"] = "predicted_labels"
+    say(f"wrote {n} × {memory.value_dim} predictions to {out} ({fmt}, array 'predictions')")
+    return res
+
+
+# Test RMSE the article published for its prototype (fit 10,000 rows, test 60,000).
+SEED_TABLE = {2: 0.248782, 4: 0.204451, 8: 0.173010, 16: 0.153833, 32: 0.139799, 64: 0.128507,
+              128: 0.121859, 256: 0.119588}
+
+
+def reproduce(cfg: dict, say) -> dict:
+    """the seed article's Fashion-MNIST table: test RMSE against P
+
+    Fit the seed article's protocol for each P (78 random key pixels, all 784 pixels as values,
+    reference permutation, fit on the first 10,000 rows, test on the other 60,000; the seed
+    recipe: K0 = 0.01·normal, Adam lr 5e-4, 1000 steps, ridge 1e-6), print the table, and write
+    OUT/table.json and OUT/rmse_vs_prototypes.png."""
+    c = build(ReproduceConfig, cfg)
+    _need(c.data_dir, "data_dir", "--data-dir DIR", "the folder with the Fashion-MNIST IDX files")
+    fitc = build(FitConfig, {**cfg, "prototypes": 1})  # validated once; P comes per fit
+    settings = {k: v for k, v in fitc.to_dict().items() if k != "prototypes"}
+    data_dir, out = Path(c.data_dir), Path(c.out)
+    if c.download:
+        fashion_mnist.download(data_dir)
+    test = c.test_split or {"fit10k": "test60k", "fit60k": "test10k"}[c.fit_split]
+    Qf, Xf, Qt, Xt = fashion_mnist.reference_split(data_dir, c.fit_split, test)
+    out.mkdir(parents=True, exist_ok=True)
+    say(f"fit {c.fit_split} ({len(Qf)} rows), test {test} ({len(Qt)} rows), recipe "
+        f"{fitc.recipe}, {fitc.steps} steps")
+    say(f"{'P':>5} {'test RMSE':>10} {'article':>9} {'train':>9} {'seconds':>8}")
+    rows, losses = [], {}
+    for P in c.prototypes or list(SEED_TABLE):
+        t0 = time.perf_counter()
+        res = fit_memory(Qf, Xf, int(P), **settings)
+        seconds = time.perf_counter() - t0
+        r = {"prototypes": int(P), "rmse": evaluate_memory(res.memory, Qt, Xt)["rmse"],
+             "seconds": seconds, "train_rmse": float(res.rmse[-1]),
+             "seconds_per_step": res.seconds / max(res.config.steps, 1),
+             "solve_events": res.solve_events, "seed_rmse": SEED_TABLE.get(int(P))}
+        rows.append(r)
+        losses[str(r["prototypes"])] = res.loss.tolist()
+        seed = f"{r['seed_rmse']:.6f}" if r["seed_rmse"] is not None else "-"
+        say(f"{r['prototypes']:>5} {r['rmse']:>10.6f} {seed:>9} {r['train_rmse']:>9.6f} "
+            f"{r['seconds']:>8.1f}")
+    table = {"rows": rows, "settings": {"fit_split": c.fit_split, "test_split": test, **settings}}
+    (out / "table.json").write_text(json.dumps(table, indent=2) + "\n")
+    (out / "loss.json").write_text(json.dumps(losses) + "\n")
+    if c.plot:
+        ref = SEED_TABLE if c.fit_split == "fit10k" else None
+        table["plot"] = str(plot_rmse_vs_prototypes(rows, out / "rmse_vs_prototypes.png", ref))
+    say(f"wrote {out / 'table.json'}")
+    return table
