@@ -94,7 +94,8 @@ def main(argv=None) -> dict:
         wall, _ = cli("fit", str(store), "--rows", "fit60k", "--prototypes", str(P), "--out",
                       str(out), "--quiet", env=env)
         _, text = cli("eval", str(out), "--rows", "test10k", "--json", "--quiet", env=env)
-        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().split()]
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        metrics = [json.loads(line) for line in lines]
         runs[name] = {"wall_seconds": wall, "test_rmse": json.loads(text)["rmse"],
                       "steps": len(metrics),
                       "step_seconds": step_seconds([m["seconds"] for m in metrics])}
