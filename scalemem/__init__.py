@@ -13,6 +13,18 @@ Public API (everything else lives in private modules and may change):
   errors (:class:`ScalememError` and its subclasses).
 """
 
+import os as _os
+import signal as _signal
+import sys as _sys
+
+_argv = list(getattr(_sys, "orig_argv", []))
+if (_argv[_argv.index("-m") + 1:][:1] == ["scalemem"] if "-m" in _argv else
+        _os.path.basename(_sys.argv[0] if _sys.argv else "") in ("scalemem", "scalemem.exe")):
+    # The command line is starting: SIGINT/SIGTERM during the slow imports (JAX) end it at once
+    # with status 128 + signal and no traceback; the command installs its own handlers.
+    for _s in (_signal.SIGINT, _signal.SIGTERM):
+        _signal.signal(_s, lambda signum, frame: _os._exit(128 + signum))
+
 from ._config import FitConfig
 from ._core import (SolveInfo, Stats, chunk_grad, chunk_stats, loss_from_stats, merge, scan_grad,
                     scan_stats, solve_ridge, zero_stats)

@@ -21,10 +21,16 @@ from typing import Any, Mapping
 from ._errors import ConfigError
 
 __all__ = ["setting", "same", "Validated", "FitConfig", "DataConfig", "RunConfig", "RECIPES",
-           "PRECISIONS", "build", "check_value"]
+           "PRECISIONS", "build", "check_value", "MAX_SEED", "MAX_CLASSES"]
 
 PRECISIONS = ("highest", "tf32", "bf16")
 RESIDENCIES = ("auto", "resident", "streamed")
+# The largest seed: jax.random.PRNGKey takes a signed 64-bit integer in the x64 mode scalemem
+# fits in (a larger one overflows).
+MAX_SEED = 2**63 - 1
+# The most classes of one-hot values (--values-are-labels): a one-hot row of 2¹⁶ float32 is
+# 256 KiB, a chunk of 4096 such rows 1 GiB; a larger label is taken for a wrong label array.
+MAX_CLASSES = 2**16
 
 # The settings a recipe fills (each left at None takes the recipe's value): "fast" (the default)
 # is the best measured recipe, "seed" the seed article's.
@@ -35,17 +41,17 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
-def setting(default, help: str, *, type=None, choices: tuple | None = None, lo=None,
+def setting(default, help: str, *, type=None, choices: tuple | None = None, lo=None, hi=None,
             trajectory: bool = False, metavar: str | None = None, positional: bool = False,
             flag: str | None = None, toml: bool = True):
     """A configuration field. ``type`` is ``int``, ``float``, ``bool``, ``str`` or ``"ints"``
     (a list of integers), by default the type of ``default`` (``str`` for ``None``); ``lo``
-    bounds numbers (exclusive when given as ``(value,)``); a ``None`` default allows ``None``
-    (which then means "the default rule"); ``flag`` replaces the command-line flag
-    ``--name-with-dashes``; ``toml=False`` keeps it out of TOML files."""
+    bounds numbers (exclusive when given as ``(value,)``), ``hi`` from above (inclusive); a
+    ``None`` default allows ``None`` (which then means "the default rule"); ``flag`` replaces
+    the command-line flag ``--name-with-dashes``; ``toml=False`` keeps it out of TOML files."""
     if type is None:
         type = str if default is None else builtins.type(default)
-    meta = dict(help=help, type=type, choices=choices, lo=lo, hi=None, trajectory=trajectory,
+    meta = dict(help=help, type=type, choices=choices, lo=lo, hi=hi, trajectory=trajectory,
                 metavar=metavar, positional=positional, nullable=default is None, flag=flag,
                 toml=toml)
     return dataclasses.field(default=default, metadata=meta)
@@ -128,7 +134,8 @@ class FitConfig(Validated):
                                "recipe's; 'given' in Python: keys passed as init=array)",
                                choices=("normal", "kmeans", "sample", "given"), trajectory=True,
                                metavar="KIND")
-    seed: int = setting(0, "seed of the initial keys", lo=0, trajectory=True, metavar="N")
+    seed: int = setting(0, "seed of the initial keys (0 … 2⁶³-1)", lo=0, hi=MAX_SEED,
+                        trajectory=True, metavar="N")
     key_bias: bool = setting(False, "learn a per-prototype logit bias (softmax(Q Kᵀ + b); with "
                              "init kmeans it starts as a normalised RBF kernel)", trajectory=True)
     optimizer: str = setting("adam", "optimiser of K: 'adam' ('custom' in Python: an optax "
@@ -211,8 +218,8 @@ class DataConfig(Validated):
                                       "one-hot encoding (predictions are class probabilities; eval "
                                       "reports accuracy and log-loss)", trajectory=True)
     classes: int | None = setting(None, "number of classes with --values-are-labels (default: "
-                                  "largest label + 1)", type=int, lo=2, trajectory=True,
-                                  metavar="C")
+                                  "largest label + 1; at most 65536)", type=int, lo=2,
+                                  hi=MAX_CLASSES, trajectory=True, metavar="C")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -93,6 +93,19 @@ def test_help_explains_every_option(argv, capsys):
             assert f"[config: {f.name}]" in words, f.name
 
 
+@pytest.mark.parametrize("argv", [["fit", "s.zarr", "--learning-rat", "0.02"],
+                                  ["fit", "s.zarr", "--sched", "constant"],
+                                  ["eval", "RUN", "--row", "test10k"],
+                                  ["data", "synthetic", "--ro", "5"]])
+def test_abbreviated_flags_are_refused(argv, capsys):
+    """A shortened or mistyped flag is an error (as an unknown TOML key or keyword is), never
+    argparse's silent prefix match."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    assert "unrecognized arguments" in capsys.readouterr().err
+
+
 # -------------------------------------------------------------------------------------- config
 
 

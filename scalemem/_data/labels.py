@@ -7,7 +7,9 @@ import os
 
 import numpy as np
 
+from .._config import MAX_CLASSES
 from .._errors import ConfigError, DataError
+from .._validate import check_int
 from .source import Closable
 from .sources import open_source
 from .views import parse_view
@@ -25,13 +27,16 @@ class LabelSource(Closable):
     """Keys: a view of ``store`` (``keys``; ``None`` for the store's default). Values: the
     one-hot encoding of the integer array named by ``labels`` (a 1-D array, or one column of a
     2-D array: ``labels`` or ``labels[0]``) with ``classes`` columns (default: the largest
-    label of the whole array + 1). ``rows`` selects rows as in :func:`open_source`."""
+    label of the whole array + 1; at most :data:`~scalemem._config.MAX_CLASSES`, a larger label
+    is a :class:`DataError` naming its row). ``rows`` selects rows as in :func:`open_source`."""
 
     def __init__(self, store: str | os.PathLike, keys: str | None, labels: str, rows=None,
                  classes: int | None = None):
         if not labels:
             raise ConfigError("values", labels, "--values-are-labels needs --values NAME, the "
                               "integer label array (e.g. labels)")
+        if classes is not None:
+            classes = check_int("classes", classes, lo=2, hi=MAX_CLASSES)
         view = parse_view(labels, "values")
         cols = view.columns or ()
         if view.scale is not None or len(cols) > 1 or (cols and not isinstance(cols[0], int)):
@@ -74,10 +79,15 @@ class LabelSource(Closable):
         y = self.labels(-self._keys.row_offset, shape[0] - self._keys.row_offset)
         lo, hi = int(y.min()), int(y.max())
         if lo < 0:
-            raise DataError(f"{where} holds the negative label {lo}; labels must be 0 … C-1")
+            raise DataError(f"{where} holds the negative label {lo} at row {int(y.argmin())}; "
+                            "labels must be 0 … C-1")
+        if hi >= MAX_CLASSES:
+            raise DataError(f"{where} holds the label {hi} at row {int(y.argmax())}; one-hot "
+                            f"values allow at most {MAX_CLASSES} classes (labels 0 … "
+                            f"{MAX_CLASSES - 1}): name the class-label array with --values")
         if classes is not None and int(classes) <= hi:
-            raise ConfigError("classes", classes, f"{where} holds the label {hi}; need at least "
-                              f"{hi + 1} classes")
+            raise ConfigError("classes", classes, f"{where} holds the label {hi} at row "
+                              f"{int(y.argmax())}; need at least {hi + 1} classes")
         if classes is None and hi < 1:
             raise ConfigError("classes", hi + 1, "need at least 2 classes")
         return hi + 1 if classes is None else classes

@@ -86,6 +86,7 @@ class Store:
         self.name = name
         self.missing_chunks = check_missing_chunks(missing_chunks)
         self._cache: dict = {}  # opening a zarr array reads its metadata file: do it once
+        self._opened = self._identity()
         self._stored: dict[str, set] = {}  # row chunks known to be stored, per array
 
     def get(self, name: str):
@@ -94,6 +95,8 @@ class Store:
         try:
             obj = self._lookup(name)
             names = ", ".join(sorted(self._root.keys())) if obj is None else ""
+        except ScalememError:
+            raise
         except Exception as e:  # noqa: BLE001 - h5py and zarr raise many types on bad metadata
             raise DataError(f"{self.name}: cannot open array {name!r} ({type(e).__name__}: {e});"
                             f" {self._corrupted}") from e
@@ -140,11 +143,21 @@ class Store:
         except (ScalememError, MemoryError):
             raise
         except Exception as e:  # noqa: BLE001 - h5py, zarr and the codecs raise many types
+            why = ("the store was replaced or changed while it was open; open it again" if
+                   self._identity() != self._opened else "the store may be corrupted")
             raise DataError(f"{self.name}: cannot read rows {a}:{b} of array {name!r} "
-                            f"({type(e).__name__}: {e}); the store may be corrupted") from e
+                            f"({type(e).__name__}: {e}); {why}") from e
+
+    def _identity(self):
+        """What changes when the store is replaced or rewritten (``None``: nothing to tell)."""
+        return None
 
     def _missing(self, name: str, arr, what: str, i: int, rows: int, fill, extra: str = ""):
         r0, r1 = i * rows, min((i + 1) * rows, arr.shape[0])
+        if self._identity() != self._opened:
+            return DataError(f"{self.name}: array {name!r} has no stored {what} for rows "
+                             f"{r0}:{r1}: the store was replaced or changed while it was open; "
+                             "open it again")
         fill = np.asarray(fill).tolist() if fill is not None else None
         return DataError(
             f"{self.name}: array {name!r} has no stored {what} for rows {r0}:{r1}; reading it "
@@ -194,7 +207,53 @@ class HDF5Store(Store):
         obj = self._root.get(name)
         if isinstance(obj, self._array_type):
             obj.shape, obj.dtype  # noqa: B018 - read the dataspace and type messages now
+            if obj.is_virtual:
+                self._check_virtual(name, obj)
         return obj
+
+    def _check_virtual(self, name, ds) -> None:
+        """Every source of a virtual dataset is there: HDF5 reads the fill value (zeros) for a
+        source file or dataset that is missing or smaller than mapped, without an error."""
+        import h5py
+
+        here = Path(self.name).resolve().parent
+        for vs in ds.virtual_sources():
+            where = (f"{self.name}: array {name!r} is a virtual dataset mapping dataset "
+                     f"{vs.dset_name!r} of {vs.file_name!r}")
+            todo = ("; reading it would give the fill value instead of data. Restore the source "
+                    "file (next to the virtual one, or in $HDF5_VDS_PREFIX), or re-create the store")
+            if vs.file_name == ".":
+                f, close = self._root, False
+            else:
+                cands = [Path(vs.file_name)] if Path(vs.file_name).is_absolute() else [
+                    Path(p.replace("${ORIGIN}", str(here))) / vs.file_name
+                    for p in os.environ.get("HDF5_VDS_PREFIX", "").split(":") if p] + [
+                    here / vs.file_name, Path(vs.file_name)]
+                path = next((c for c in cands if c.is_file()), None)
+                if path is None:
+                    raise DataError(f"{where}, and that file is missing (looked for "
+                                    f"{', '.join(map(str, cands))}){todo}")
+                try:
+                    f, close = h5py.File(path, "r", locking="best-effort"), True
+                except (OSError, ValueError, RuntimeError) as e:
+                    raise DataError(f"{where}: cannot open {path} ({e}){todo}") from e
+            try:
+                src = f.get(vs.dset_name)
+                shape = tuple(src.shape) if isinstance(src, h5py.Dataset) else None
+            finally:
+                if close:
+                    f.close()
+            if shape is None:
+                raise DataError(f"{where}, and that file holds no dataset {vs.dset_name!r}{todo}")
+            sp, need = vs.src_space, vs.vspace.get_select_npoints()
+            if sp.get_select_type() == h5py.h5s.SEL_ALL or not sp.shape:  # all of the source
+                short = int(np.prod(shape)) < need
+            else:
+                hi = sp.get_select_bounds()[1]
+                short = len(hi) != len(shape) or any(h >= n for h, n in zip(hi, shape))
+            if short:
+                raise DataError(f"{where}, which has shape {shape}: too small for the "
+                                f"{need} values mapped{todo}")
 
     def _chunk_rows(self, name, ds):
         """Rows per chunk of a chunked dataset. Contiguous data that was never written is an
@@ -233,6 +292,14 @@ class ZarrStore(Store):
         except Exception as e:  # zarr raises several types (FileNotFoundError, GroupNotFound...)
             raise DataError(f"{path}: cannot open as a Zarr group ({type(e).__name__}: {e})") from e
         self.meta = _meta_from(self._root.attrs.asdict(), self.name)
+
+    def _identity(self):
+        """The root metadata file's inode and modification time."""
+        try:
+            st = os.stat(Path(self.name) / "zarr.json")
+        except OSError:
+            return None
+        return st.st_ino, st.st_mtime_ns
 
     def _chunk_rows(self, name, arr):
         return (arr.shards or arr.chunks)[0]  # a missing shard is a missing chunk too

@@ -1,7 +1,8 @@
 """A stream of fixed-shape row blocks over a :class:`~scalemem._data.Source` (the last one padded
 with rows of weight 0: one shape, one compilation), read ahead by a thread while the consumer
-computes; a reader error is raised in the consumer and an early stop joins the thread
-(docs/design.md, "The read-ahead stream")."""
+computes; a reader error is raised in the consumer and an early stop joins the thread; each
+block's CRC-32 is kept from the first pass and compared on every later one, so data changed under
+a running fit is an error (docs/design.md, "The read-ahead stream", "Data identity")."""
 
 from __future__ import annotations
 
@@ -11,17 +12,18 @@ import ctypes.util
 import os
 import queue
 import threading
+import zlib
 from typing import Any, Iterator, NamedTuple
 
 import jax
 import numpy as np
 
 from .._errors import DataError
-from .source import Source
+from .source import RowRange, Source
 from .sources import aligned_empty, is_aligned
 from .._validate import check_dtype, check_int
 
-__all__ = ["Block", "ChunkStream", "READER_THREAD_NAME"]
+__all__ = ["Block", "ChunkStream", "READER_THREAD_NAME", "block_crc"]
 
 READER_THREAD_NAME = "scalemem-reader"
 _POLL_S = 0.05  # how often a blocked reader checks whether the consumer has gone away
@@ -49,6 +51,13 @@ def release_free_heap() -> None:
     docs/design.md, "Why the stream returns free heap pages to the OS")."""
     if _malloc_trim is not None:
         _malloc_trim(0)
+
+
+def block_crc(*arrays, crc: int = 0) -> int:
+    """CRC-32 of the raw bytes of ``arrays`` (zlib: ~3 GB/s, and it lets other threads run)."""
+    for a in arrays:
+        crc = zlib.crc32(np.ascontiguousarray(a), crc)
+    return crc
 
 
 def _host_block(a, rows: int) -> np.ndarray:
@@ -85,12 +94,14 @@ class ChunkStream:
 
     Iterate it (``for block in stream``) once per pass; each iteration starts at ``cursor``,
     which is ``start`` initially and the block after the last one handed out afterwards; call
-    :meth:`rewind` (or make a new stream) for the next full pass.
+    :meth:`rewind` (or make a new stream) for the next full pass. With ``verify`` (the default)
+    a block that reads differently from the first time it was read raises
+    :class:`~scalemem.DataError`: the source changed while it was being streamed.
     """
 
     def __init__(self, source: Source, *, chunk_rows: int, chunks_per_block: int = 1,
                  weight_dtype=np.float32, prefetch: int = 2, start: int = 0,
-                 to_device: bool = True, device=None):
+                 to_device: bool = True, device=None, verify: bool = True):
         self.source = source
         self.chunk_rows = check_int("chunk_rows", chunk_rows, 1)
         self.chunks_per_block = check_int("chunks_per_block", chunks_per_block, 1)
@@ -100,6 +111,7 @@ class ChunkStream:
         self.cursor = check_int("start", start, 0, self.num_blocks)
         self.weight_dtype = np.dtype(weight_dtype)
         self.to_device, self.device = to_device, device
+        self._crcs: dict[int, int] | None = {} if verify else None  # block -> CRC-32 as first read
 
     def rewind(self, start: int = 0) -> None:
         """Set the cursor (the block the next iteration starts from)."""
@@ -121,23 +133,60 @@ class ChunkStream:
         c, k = self.chunk_rows, self.chunks_per_block
         return Block(index, s, n, Q.reshape(k, c, -1), X.reshape(k, c, -1), w.reshape(k, c))
 
+    def _verify(self, block: Block) -> None:
+        """Compare the block's CRC-32 with the one of its first read (recorded then)."""
+        crc = block_crc(block.Q, block.X)
+        index, s, e = block.index, block.start, block.start + block.rows
+        first = self._crcs.setdefault(index, crc)
+        if first != crc:
+            off = self.source.start if isinstance(self.source, RowRange) else 0
+            raise DataError(
+                f"{self.source.name}: rows {s + off}:{e + off} changed while they were being read "
+                f"(CRC-32 {first:08x} when first read, {crc:08x} now): the store was modified or "
+                "replaced during the fit. It was stopped before the step that read them ended; "
+                "earlier checkpoints are kept. Put the original data back and resume, or start "
+                "a new run on the new data")
+
     def __iter__(self) -> Iterator[Block]:
         first = self.cursor
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
 
-        def offer(item) -> bool:
+        # block CRCs are computed by a thread of their own (zlib lets threads run), so the
+        # reader goes on reading meanwhile; a mismatch is raised at the next block handed out,
+        # at the latest when the pass ends: before the step that read the rows can finish
+        checks = None if self._crcs is None else queue.Queue(maxsize=self.prefetch + 1)
+        failed: list[BaseException] = []
+
+        def offer(item, into=q) -> bool:
             while not stop.is_set():
                 with contextlib.suppress(queue.Full):
-                    q.put(item, timeout=_POLL_S)
+                    into.put(item, timeout=_POLL_S)
                     return True
             return False
+
+        def checker() -> None:
+            while not stop.is_set():
+                try:
+                    item = checks.get(timeout=_POLL_S)
+                except queue.Empty:
+                    continue
+                if item is _END:
+                    return
+                try:
+                    self._verify(item)
+                except BaseException as e:  # noqa: BLE001 - raised in the consumer
+                    failed.append(e)
+                    offer(e)  # wakes a consumer waiting for the next block
+                    return
 
         def reader() -> None:
             since_trim = 0
             try:
                 for i in range(first, self.num_blocks):
                     block = self.read_block(i)
+                    if checks is not None and not offer(block, checks):
+                        return
                     since_trim += block.Q.nbytes + block.X.nbytes
                     if since_trim >= _TRIM_BYTES:
                         release_free_heap()
@@ -148,7 +197,8 @@ class ChunkStream:
             except BaseException as e:  # noqa: BLE001 - handed to the consumer, re-raised there
                 offer(e)
                 return
-            offer(_END)
+            if checks is None or offer(_END, checks):
+                offer(_END)
 
         def ready(item):
             """A device block from a host block; a reader failure is raised here, when the
@@ -160,11 +210,15 @@ class ChunkStream:
             Q, X, w = jax.device_put((item.Q, item.X, item.w), self.device)
             return item._replace(Q=Q, X=X, w=w)
 
-        thread = threading.Thread(target=reader, name=READER_THREAD_NAME, daemon=True)
-        thread.start()
+        threads = [threading.Thread(target=f, name=READER_THREAD_NAME, daemon=True)
+                   for f in ((reader, checker) if checks is not None else (reader,))]
+        for t in threads:
+            t.start()
         try:
             current = ready(q.get())
             while current is not _END:
+                if failed:
+                    raise failed[0]
                 try:  # already read? then start its copy before computing
                     nxt = q.get_nowait()
                 except queue.Empty:
@@ -174,7 +228,12 @@ class ChunkStream:
                 self.cursor = current.index + 1
                 yield current
                 current = ready(q.get() if nxt is None else nxt)
+            for t in threads[1:]:  # the checker: every block of the pass checked
+                t.join()
+            if failed:
+                raise failed[0]
         finally:
             stop.set()
-            thread.join()
+            for t in threads:
+                t.join()
             release_free_heap()  # also after passes shorter than _TRIM_BYTES

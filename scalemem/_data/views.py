@@ -21,13 +21,16 @@ from .._errors import ConfigError, DataError
 
 __all__ = ["View", "parse_view", "row_range", "INT_RE"]
 
-_SEGMENT = r"[A-Za-z_][\w.\-]*"
-_NAME = rf"{_SEGMENT}(?:/{_SEGMENT})*"
-_NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
-_SPEC_RE = re.compile(rf"^\s*(?P<name>{_NAME})\s*(?:\[(?P<cols>[^\]]*)\])?\s*"
-                      rf"(?:(?P<op>[*/])\s*(?P<num>{_NUMBER}))?\s*$")
-INT_RE = re.compile(r"^\s*[+-]?\d+\s*$")
-_REF_RE = re.compile(rf"^\s*@\s*(?P<name>{_NAME})\s*$")
+# Possessive quantifiers (*+, ?+, ++) never give back what they matched, and no two of them can
+# match the same text, so a match is one left-to-right pass: linear in the length of the spec
+# (the old backtracking regex took cubic time on a spec padded with spaces).
+_SEGMENT = r"[A-Za-z_][\w.\-]*+"
+_NAME = rf"{_SEGMENT}(?:/{_SEGMENT})*+"
+_NUMBER = r"[+-]?+(?:\d++(?:\.\d*+)?+|\.\d++)(?:[eE][+-]?+\d++)?+"
+_SPEC_RE = re.compile(rf"(?P<name>{_NAME})\s*+(?:\[(?P<cols>[^\]]*+)\])?+\s*+"
+                      rf"(?:(?P<op>[*/])\s*+(?P<num>{_NUMBER}))?+")
+INT_RE = re.compile(r"^\s*+[+-]?+\d++\s*+$")
+_REF_RE = re.compile(rf"\s*+@\s*+(?P<name>{_NAME})\s*+")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,10 +47,17 @@ class View:
         return self.text or self.array
 
 
+def _small_int(text: str) -> int | None:
+    """``int(text)`` for an integer of at most 18 digits (beyond any array's rows or columns,
+    below ``int``'s limit on the length of a string it converts), else ``None``."""
+    return int(text) if INT_RE.match(text) and len(text.strip().lstrip("+-")) <= 18 else None
+
+
 def _int(text: str, field: str, spec: str) -> int:
-    if not INT_RE.match(text):
-        raise ConfigError(field, spec, f"column item {text.strip()!r} is not an integer")
-    return int(text)
+    if (value := _small_int(text)) is None:
+        raise ConfigError(field, spec, f"column item {text.strip()[:40]!r} is not a column "
+                          "index (an integer)")
+    return value
 
 
 def parse_view(spec: str | View, field: str = "view") -> View:
@@ -57,7 +67,7 @@ def parse_view(spec: str | View, field: str = "view") -> View:
         return spec
     if not isinstance(spec, str):
         raise ConfigError(field, spec, "a view spec must be a string such as 'pixels[0:78]/255'")
-    m = _SPEC_RE.match(spec)
+    m = _SPEC_RE.fullmatch(spec.strip())
     if m is None:
         raise ConfigError(field, spec, "not a view spec; expected NAME, NAME[COLUMNS] and an "
                           "optional scale, e.g. 'pixels', 'pixels[0:78]', 'pixels[3,17,40]', "
@@ -68,7 +78,7 @@ def parse_view(spec: str | View, field: str = "view") -> View:
         for raw in m.group("cols").split(","):
             if not raw.strip():
                 raise ConfigError(field, spec, "empty column item (stray comma or empty brackets)")
-            ref = _REF_RE.match(raw)
+            ref = _REF_RE.fullmatch(raw)
             parts = [] if ref else raw.split(":")  # one part: a column, two or three: a slice
             if len(parts) > 3:
                 raise ConfigError(field, spec, f"column slice {raw.strip()!r} has too many ':'")
@@ -104,9 +114,10 @@ def row_range(rows, total: int, splits: Mapping, where: str) -> tuple[int, int, 
         text = rows.strip()
         if ":" in text:
             parts = text.split(":")
-            if len(parts) != 2 or not all(INT_RE.match(p) or not p.strip() for p in parts):
+            ends = [_small_int(p) if p.strip() else d for p, d in zip(parts, (0, total))]
+            if len(parts) != 2 or None in ends:
                 raise ConfigError("rows", rows, "expected a split name or START:STOP, e.g. 0:10000")
-            a, b = (int(p) if p.strip() else default for p, default in zip(parts, (0, total)))
+            a, b = ends
         else:
             if text not in splits:
                 known = ", ".join(sorted(splits)) or "none recorded"

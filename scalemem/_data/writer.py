@@ -5,6 +5,7 @@ checksummed ``scalemem`` attribute (docs/design.md, "Writing stores"); two data 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -13,16 +14,28 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import ConfigError, DataError
+from .._errors import ConfigError, DataError, ScalememError
 from .._validate import check_int
 from ..datasets import fashion_mnist as fm
 from .stores import META_KEY, meta_digest
 
-__all__ = ["FORMATS", "StoreWriter", "ArrayWriter", "default_chunk_rows", "write_fashion_mnist",
-           "write_synthetic"]
+__all__ = ["FORMATS", "StoreWriter", "ArrayWriter", "StoreWriteError", "default_chunk_rows",
+           "write_fashion_mnist", "write_synthetic"]
 
 FORMATS = ("zarr", "hdf5")
 _MIN_CHUNK, _MAX_CHUNK, _CHUNK_BYTES = 4096, 16384, 16 << 20
+# free bytes a write needs beyond its raw size: headers, the chunk index, the attribute, and
+# deflate's worst case on incompressible data (5 bytes a 64 KiB block: the nbytes // 256 term)
+_SLACK = 64 << 10
+
+
+class StoreWriteError(DataError, OSError):
+    """A store could not be written (full disk, read-only or failing file system): a
+    :class:`~scalemem.DataError` naming the path, and an ``OSError`` carrying the ``errno``."""
+
+    def __init__(self, message: str, err: int | None = None):
+        super().__init__(message)
+        self.errno = err
 
 
 def default_chunk_rows(row_bytes: int) -> int:
@@ -45,9 +58,9 @@ class ArrayWriter:
     one chunk, so every write to the store covers whole chunks (no read-modify-write)."""
 
     def __init__(self, target, name: str, shape: tuple[int, int], dtype: np.dtype,
-                 chunk_rows: int, where: str):
+                 chunk_rows: int, where: str, writer: "StoreWriter | None" = None):
         self.name, self.shape, self.dtype, self.chunk_rows = name, shape, dtype, chunk_rows
-        self._target, self._where = target, where
+        self._target, self._where, self._writer = target, where, writer
         self._buf, self._nbuf = np.empty((chunk_rows, shape[1]), dtype), 0
         self.written = 0  # rows flushed to the store
 
@@ -77,7 +90,11 @@ class ArrayWriter:
 
     def _flush(self) -> None:
         if self._nbuf:
-            self._target[self.written:self.written + self._nbuf] = self._buf[:self._nbuf]
+            data = self._buf[:self._nbuf]
+            with (self._writer._writing(f"rows {self.written}:{self.written + self._nbuf} of "
+                                        f"array {self.name!r}", data.nbytes)
+                  if self._writer is not None else contextlib.nullcontext()):
+                self._target[self.written:self.written + self._nbuf] = data
             self.written += self._nbuf
             self._nbuf = 0
 
@@ -103,6 +120,12 @@ class StoreWriter(contextlib.AbstractContextManager):
 
     ``meta`` becomes the store's ``scalemem`` attribute (a JSON object; stored as a JSON string
     in HDF5, whose attributes cannot hold nested mappings).
+
+    Every write is checked first against the free space of the file system (``os.statvfs``):
+    a full disk, a read-only location or a failing write raises :class:`StoreWriteError`
+    naming the path, the partial store is deleted and a store being replaced stays as it was.
+    HDF5 writes go straight to the file (no chunk cache): HDF5 left holding data it cannot
+    write crashes the process (SIGSEGV) when it closes the file (docs/reliability.md).
     """
 
     def __init__(self, path: str | os.PathLike, format: str = "zarr", *, overwrite: bool = False):
@@ -113,26 +136,63 @@ class StoreWriter(contextlib.AbstractContextManager):
         if not self.path.parent.is_dir():
             raise DataError(f"{self.path.parent}: no such directory")
         self.overwrite = overwrite
+        self._replacing = overwrite and self.path.exists()  # for messages
         self._tmp = self.path.with_name(f".{self.path.name}.partial-{os.getpid()}")
-        _remove(self._tmp)
         self.meta: dict[str, Any] = {}
         self._arrays: list[ArrayWriter] = []
         self._written: dict[str, dict] = {}  # name -> shape and dtype, for the integrity record
+        self._open = False
         try:
-            if self.format == "zarr":
-                import zarr
+            with self._writing("the new store", 0):
+                _remove(self._tmp)
+                if self.format == "zarr":
+                    import zarr
 
-                self._root = zarr.open_group(store=str(self._tmp), mode="w", zarr_format=3)
-            else:
-                import h5py
+                    self._root = zarr.open_group(store=str(self._tmp), mode="w", zarr_format=3)
+                else:
+                    import h5py
 
-                # format of HDF5 1.10+: checksummed metadata (superblock v3, object headers v2,
-                # chunk indexes with checksums), so a damaged index is an error, not fill values
-                self._root = h5py.File(self._tmp, "w", libver=("v110", "latest"))
+                    # format of HDF5 1.10+: checksummed metadata (superblock v3, object headers
+                    # v2, chunk indexes with checksums), so a damaged index is an error, not fill
+                    # values; rdcc_nbytes=0: every chunk written when it is given (see above)
+                    self._root = h5py.File(self._tmp, "w", libver=("v110", "latest"),
+                                           rdcc_nbytes=0)
+                self._open = True
         except BaseException:
-            _remove(self._tmp)  # e.g. a full disk while creating the store
+            self.abort()  # e.g. a full disk while creating the store
             raise
-        self._open = True
+
+    @contextlib.contextmanager
+    def _writing(self, what: str, nbytes: int | None):
+        """Check there is room for ``nbytes`` (uncompressed) more (``None``: a rename, which
+        needs none), then run the write; an ``OSError`` (h5py: also ``RuntimeError``) becomes a
+        :class:`StoreWriteError`."""
+        kept = f"; the store at {self.path} was left as it was" if self._replacing else ""
+        todo = f"{kept}; free some space or write elsewhere"
+        try:
+            st = os.statvfs(self.path.parent)
+        except OSError:
+            st = None  # cannot tell: the write itself will say
+        if st is not None and st.f_flag & os.ST_RDONLY:
+            raise StoreWriteError(f"{self.path}: cannot write {what}: {self.path.parent} is on a "
+                                  f"read-only file system{kept}; write elsewhere", errno.EROFS)
+        need = 0 if nbytes is None else nbytes + nbytes // 256 + _SLACK
+        if st is not None and st.f_bavail * st.f_frsize < need:
+            raise StoreWriteError(
+                f"{self.path}: not enough free space to write {what}: about {need / 2**20:.2f} "
+                f"MiB needed, {st.f_bavail * st.f_frsize / 2**20:.2f} MiB free on "
+                f"{self.path.parent}{todo}", errno.ENOSPC)
+        try:
+            yield
+        except ScalememError:
+            raise
+        except (OSError, RuntimeError) as e:
+            if isinstance(e, RuntimeError) and self.format != "hdf5":
+                raise
+            err = getattr(e, "errno", None)
+            why = os.strerror(err) if err else f"{type(e).__name__}: {e}"
+            raise StoreWriteError(f"{self.path}: cannot write {what} ({why}){todo}",
+                                  err) from e
 
     def create_array(self, name: str, shape: tuple[int, int], dtype, *,
                      chunk_rows: int | None = None) -> ArrayWriter:
@@ -143,14 +203,15 @@ class StoreWriter(contextlib.AbstractContextManager):
         if chunk_rows is None:
             chunk_rows = default_chunk_rows(cols * dtype.itemsize)
         chunk_rows = min(check_int("chunk_rows", chunk_rows, 1), rows)
-        if self.format == "zarr":
-            target = self._root.create_array(name, shape=(rows, cols), dtype=dtype,
-                                             chunks=(chunk_rows, cols), **_zarr_options())
-        else:
-            target = self._root.create_dataset(name, shape=(rows, cols), dtype=dtype,
-                                               chunks=(chunk_rows, cols), compression="gzip",
-                                               compression_opts=1, fletcher32=True)
-        w = ArrayWriter(target, name, (rows, cols), dtype, chunk_rows, str(self.path))
+        with self._writing(f"array {name!r}", 0):
+            if self.format == "zarr":
+                target = self._root.create_array(name, shape=(rows, cols), dtype=dtype,
+                                                 chunks=(chunk_rows, cols), **_zarr_options())
+            else:
+                target = self._root.create_dataset(name, shape=(rows, cols), dtype=dtype,
+                                                   chunks=(chunk_rows, cols), compression="gzip",
+                                                   compression_opts=1, fletcher32=True)
+        w = ArrayWriter(target, name, (rows, cols), dtype, chunk_rows, str(self.path), self)
         self._arrays.append(w)
         self._written[name] = {"shape": [rows, cols], "dtype": dtype.str}
         return w
@@ -160,13 +221,14 @@ class StoreWriter(contextlib.AbstractContextManager):
         data = np.asarray(data)
         if data.size == 0:
             raise DataError(f"{self.path}: array {name!r} is empty")
-        if self.format == "zarr":
-            self._root.create_array(name, shape=data.shape, dtype=data.dtype,
-                                    chunks=data.shape, **_zarr_options())[...] = data
-        elif data.ndim:
-            self._root.create_dataset(name, data=data, chunks=data.shape, fletcher32=True)
-        else:
-            self._root.create_dataset(name, data=data)  # a scalar: no chunks, no filters
+        with self._writing(f"array {name!r}", data.nbytes):
+            if self.format == "zarr":
+                self._root.create_array(name, shape=data.shape, dtype=data.dtype,
+                                        chunks=data.shape, **_zarr_options())[...] = data
+            elif data.ndim:
+                self._root.create_dataset(name, data=data, chunks=data.shape, fletcher32=True)
+            else:
+                self._root.create_dataset(name, data=data)  # a scalar: no chunks, no filters
         self._written[name] = {"shape": list(data.shape), "dtype": data.dtype.str}
 
     def commit(self) -> Path:
@@ -179,19 +241,22 @@ class StoreWriter(contextlib.AbstractContextManager):
             meta = json.loads(json.dumps(self.meta))  # fails early on non-JSON values
             meta["integrity"] = {"arrays": self._written}
             meta["integrity"]["digest"] = meta_digest(meta)
-            self._root.attrs[META_KEY] = meta if self.format == "zarr" else json.dumps(meta)
-            if self.format == "hdf5":
-                self._root.close()
+            with self._writing("the store's attribute", len(json.dumps(meta))):
+                self._root.attrs[META_KEY] = meta if self.format == "zarr" else json.dumps(meta)
+                if self.format == "hdf5":
+                    self._root.close()
             self._open = False
             if self.path.exists() or self.path.is_symlink():
                 if not self.overwrite:
                     raise DataError(f"{self.path}: appeared while writing; not overwritten")
                 # move the old store aside (a rename, no copy) rather than deleting it first:
                 # if publishing the new one fails, the old one is put back unchanged
-                _remove(old)
-                os.replace(self.path, old)
+                with self._writing("the new store", None):
+                    _remove(old)
+                    os.replace(self.path, old)
                 moved = True
-            os.replace(self._tmp, self.path)
+            with self._writing("the new store", None):
+                os.replace(self._tmp, self.path)
         except BaseException:
             if moved:
                 os.replace(old, self.path)
@@ -204,10 +269,14 @@ class StoreWriter(contextlib.AbstractContextManager):
     def abort(self) -> None:
         """Discard everything written."""
         if self.format == "hdf5" and self._open:
+            # emptied first: closing flushes HDF5's metadata, which a full disk would refuse
+            with contextlib.suppress(OSError):
+                os.truncate(self._tmp, 0)
             with contextlib.suppress(Exception):  # best effort while cleaning up
                 self._root.close()
         self._open = False
-        _remove(self._tmp)
+        with contextlib.suppress(OSError):  # e.g. a read-only location: nothing was created
+            _remove(self._tmp)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:

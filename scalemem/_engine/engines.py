@@ -166,6 +166,9 @@ class StreamedEngine(_Engine):
                     per_dev.append(self._zero_block(d) if b is None else (b.Q, b.X, b.w))
                 yield tuple(jax.make_array_from_single_device_arrays(
                     shapes[i], sh, [p[i] for p in per_dev]) for i in range(3))
+            for it in iters:  # run each stream to its end: the check of its last blocks' CRCs
+                for _ in it:
+                    pass
         finally:
             for it in iters:
                 if hasattr(it, "close"):  # a stream's generator, not the empty iterator

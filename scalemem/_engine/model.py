@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._core import F64, HIGHEST, scaled
-from .._data import ArraySource, ChunkStream, check_source
+from .._data import ArraySource, ChunkStream, check_source, locate_nonfinite
 from .._errors import DataError
 from .._validate import check_int, check_pair, check_scale
 
@@ -136,7 +136,8 @@ def evaluate(memory: Memory, Q, X=None, *, labels: bool = False,
     Returns ``{"rmse", "sse", "rows"}``: ``sse = Σ‖x − v̂‖²`` in float64, ``rmse =
     sqrt(sse / (rows · value_dim))`` as the fit reports it. With ``labels`` (one-hot value rows)
     also ``accuracy`` and ``log_loss`` (mean ``−log p_y``, predictions clipped to
-    ``[PROB_FLOOR, 1]`` and renormalised)."""
+    ``[PROB_FLOOR, 1]`` and renormalised). NaN or Inf in the data raises
+    :class:`~scalemem.NonFiniteDataError` naming the first such row."""
     if X is None:
         source = check_source(Q)
     else:
@@ -155,10 +156,12 @@ def evaluate(memory: Memory, Q, X=None, *, labels: bool = False,
         K, V, bias = (None if a is None else jnp.asarray(a)
                       for a in (memory.K, memory.V, memory.bias))
         acc = jnp.zeros((3,), F64)
-        for b in ChunkStream(source, chunk_rows=c, weight_dtype=K.dtype):
+        for b in ChunkStream(source, chunk_rows=c, weight_dtype=K.dtype, verify=False):
             acc = _eval_block(acc, K, V, bias, b.Q, b.X, b.w, key_scale=key_scale,
                               value_scale=value_scale, labels=bool(labels))
         sse, correct, nll = (float(v) for v in np.asarray(acc))
+    if not np.isfinite([sse, correct, nll]).all():  # NaN/Inf in the data: name the row
+        raise locate_nonfinite(source, chunk_rows=c)
     out = {"rmse": float(np.sqrt(sse / (rows * source.value_dim))), "sse": sse, "rows": rows}
     if labels:
         out.update(accuracy=correct / rows, log_loss=nll / rows)

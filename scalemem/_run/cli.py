@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
+import signal
 import sys
+import threading
 import tomllib
 from typing import Any, Callable
 
@@ -18,7 +19,7 @@ from .._errors import ConfigError, ScalememError
 from . import commands
 from .options import (EvalConfig, FashionMNISTConfig, FitSession, PredictConfig,
                       ReproduceConfig, Session, SyntheticConfig)
-from .runs import RunInterrupted, saved_config
+from .runs import CONFIG_FILE, RunInterrupted, saved_config, to_json
 
 __all__ = ["main", "build_parser", "resolve", "COMMANDS", "Command"]
 
@@ -107,7 +108,7 @@ def _add_options(p: argparse.ArgumentParser, cmd: Command) -> None:
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
-        prog="scalemem", formatter_class=fmt,
+        prog="scalemem", formatter_class=fmt, allow_abbrev=False,  # a typo is an error
         description="Fit differentiable memory (attention as a lossy key-value store) to data "
         "of any size.\n\nTypical session:\n"
         "  scalemem data fashion-mnist --from DIR --out fm.zarr\n"
@@ -120,14 +121,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     data = sub.add_parser("data", help="write a store (Zarr or HDF5) to fit from",
                           description="Write a dataset as a chunked store (Zarr v3 directory or "
-                          "HDF5 file) with row splits and default key/value views.")
+                          "HDF5 file) with row splits and default key/value views.",
+                          allow_abbrev=False)
     dsub = data.add_subparsers(dest="dataset", metavar="DATASET", required=True)
     for cmd in COMMANDS:
         parent, name = (dsub, cmd.key.split()[1]) if cmd.key.startswith("data ") else (
             sub, cmd.key)
         _add_options(parent.add_parser(name, help=cmd.help, description=cmd.description,
-                                       epilog=cmd.epilog or None, formatter_class=fmt), cmd)
+                                       epilog=cmd.epilog or None, formatter_class=fmt,
+                                       allow_abbrev=False), cmd)
     return parser
+
+
+def _checked(key: str, value, meta, where: str):
+    """``check_value`` whose error also names the file the value came from."""
+    try:
+        return check_value(key, value, meta)
+    except ConfigError as e:
+        why = str(e).removeprefix(f"{e.field}={e.value!r}: ")
+        raise ConfigError(key, value, f"in {where}: {why}") from None
 
 
 def _toml_settings(path: str, cmd: Command) -> dict:
@@ -138,8 +150,8 @@ def _toml_settings(path: str, cmd: Command) -> dict:
             data = tomllib.load(f)
     except FileNotFoundError as e:
         raise ConfigError("config", path, "no such file") from e
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise ConfigError("config", path, f"not a valid TOML file ({e})") from e
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: also not UTF-8 text
+        raise ConfigError("config", path, f"not a valid TOML file ({e})") from None
     tables = {c.table for c in COMMANDS}
     mine = {f.name: f for f in cmd.fields() if f.metadata["toml"]}
     known = {f.name for c in COMMANDS for f in c.fields() if f.metadata["toml"]}
@@ -150,11 +162,7 @@ def _toml_settings(path: str, cmd: Command) -> dict:
         for raw, value in items.items():
             key = {"from": "from_dir"}.get(raw.replace("-", "_"), raw.replace("-", "_"))
             if key in mine:
-                try:
-                    out[key] = check_value(key, value, mine[key].metadata)
-                except ConfigError as e:
-                    raise ConfigError(key, value, f"in {where}: {str(e).split(': ', 1)[1]}") \
-                        from None
+                out[key] = _checked(key, value, mine[key].metadata, where)
             elif strict or key not in known:
                 raise ConfigError(raw, value, f"in {where}: not a setting of `scalemem "
                                   f"{cmd.key}` (settings: {', '.join(sorted(mine))})")
@@ -167,10 +175,12 @@ def resolve(cmd: Command, given: dict) -> dict:
     cfg = {f.name: f.default for f in cmd.fields()}
     toml = _toml_settings(given["config"], cmd) if given.get("config") else {}
     resume = given.get("resume", toml.get("resume")) if cmd.key == "fit" else None
-    if resume is not None:
+    if resume is not None:  # the run's config.json, each setting checked like a flag
+        fields = {f.name: f for f in cmd.fields()}
         session = {f.name for f in dataclasses.fields(FitSession)}
-        cfg.update({k: v for k, v in saved_config(resume).items()
-                    if k in cfg and k not in session})
+        where = os.path.join(resume, CONFIG_FILE)
+        cfg.update({k: _checked(k, v, fields[k].metadata, where)
+                    for k, v in saved_config(resume).items() if k in cfg and k not in session})
     cfg.update(toml)
     cfg.update({k: v for k, v in given.items() if k in cfg})
     return cfg
@@ -196,23 +206,25 @@ def main(argv: list[str] | None = None) -> int:
     given = {k: v for k, v in vars(ns).items() if not k.startswith("_")}
     json_out = bool(given.get("json"))
     try:
+        if threading.current_thread() is threading.main_thread():  # Ctrl-C: KeyboardInterrupt
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # (see scalemem/__init__)
         cfg = resolve(cmd, given)
         json_out = bool(cfg.get("json"))
         result = cmd.run(cfg, _printer(cfg))
     except RunInterrupted as e:
         print(f"scalemem {cmd.key}: {e}", file=sys.stderr, flush=True)
         if json_out:
-            print(json.dumps(e.result), flush=True)
+            print(to_json(e.result), flush=True)
         return e.exit_code
     except ScalememError as e:
         print(f"scalemem {cmd.key}: error: {e}", file=sys.stderr, flush=True)
         if json_out:
-            print(json.dumps({"error": type(e).__name__, "message": str(e),
+            print(to_json({"error": type(e).__name__, "message": str(e),
                               "field": getattr(e, "field", None)}), flush=True)
         return 2
     except KeyboardInterrupt:
         print(f"scalemem {cmd.key}: interrupted", file=sys.stderr)
         return 130
     if json_out:
-        print(json.dumps(result), flush=True)
+        print(to_json(result), flush=True)
     return 0

@@ -21,7 +21,7 @@ from ..datasets import fashion_mnist
 from .options import (EvalConfig, FashionMNISTConfig, PredictConfig, ReproduceConfig,
                       SyntheticConfig)
 from .plots import eval_plots, plot_rmse_vs_prototypes
-from .runs import EVAL_FILE, absolute, fit_run, open_data, write_json
+from .runs import EVAL_FILE, absolute, fit_run, open_data, saved_config, write_json
 
 __all__ = ["data_fmnist", "data_synthetic", "fit", "evaluate", "predict", "reproduce",
            "SEED_TABLE"]
@@ -86,7 +86,9 @@ def fit(cfg: dict, say) -> dict:
     metrics.jsonl, checkpoints/ and model.npz."""
     resume = cfg.get("resume")
     if resume is not None:
-        if cfg.get("out") is not None and Path(cfg["out"]).resolve() != Path(resume).resolve():
+        out = cfg.get("out")  # the recorded one (from config.json) does not bind a moved run
+        if (out is not None and out != saved_config(resume).get("out")
+                and Path(out).resolve() != Path(resume).resolve()):
             raise ConfigError("out", cfg["out"], f"--resume continues the run in {resume}; "
                               "leave out --out (or give the same folder)")
         cfg["out"] = resume
@@ -152,7 +154,7 @@ def evaluate(cfg: dict, say) -> dict:
                    split=source.split, prototypes=memory.prototypes)
         if c.plots:
             res["plots"] = eval_plots(path if path.is_dir() else path.parent, memory, meta,
-                                      source, res, labels)
+                                      source, res, labels, say=say)
         if path.is_dir():
             write_json(path / EVAL_FILE, res)
     what = (f"accuracy {res['accuracy']:.4f}, log-loss {res['log_loss']:.4f} "
@@ -172,6 +174,7 @@ def predict(cfg: dict, say) -> dict:
     path, memory, meta, mcfg, store, keys = _model(c.model, c)
     _need(store, "store", "STORE", "the store whose keys to predict for")
     out = Path(c.out).expanduser()
+    _apart(out, store, path)
     fmt = _store_format(out, c.format)
     labels = bool(mcfg.get("values_are_labels"))
     with open_source(store, keys=keys, values=keys, rows=c.rows) as source:
@@ -202,6 +205,16 @@ def predict(cfg: dict, say) -> dict:
         res["labels_array"] = "predicted_labels"
     say(f"wrote {n} × {memory.value_dim} predictions to {out} ({fmt}, array 'predictions')")
     return res
+
+
+def _apart(out: Path, store: str, model: Path) -> None:
+    """Refuse an output that is (or holds, or lies inside) the input store, or that is (or
+    holds) the model: writing it would replace the data or the model being read."""
+    o = out.resolve()
+    for what, p in (("the input store", Path(store).resolve()), ("the model", model)):
+        if o == p or o in p.parents or (what != "the model" and p in o.parents):
+            raise ConfigError("out", str(out), f"{'is' if o == p else 'overlaps'} {what} {p}; "
+                              "predictions go to a new store: choose another --out")
 
 
 # Test RMSE the article published for its prototype (fit 10,000 rows, test 60,000).

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+import numbers
+import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -77,10 +80,41 @@ def plot_image_grid(originals, keys, predictions, path, shape=(28, 28),
     return Path(path)
 
 
-def eval_plots(folder: Path, memory, meta, source, res, labels) -> list[str]:
-    """The pictures of ``scalemem eval --plots``, written into ``folder``."""
+def _point(f: Path, res: dict) -> tuple[int, float] | str | None:
+    """``(P, rmse)`` of the sibling run's eval.json ``f`` when it evaluated the same rows of the
+    same store; ``None`` when it did not; a ``str`` saying why when ``f`` is malformed."""
+    try:
+        other = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        return f"{f}: skipped, cannot be read as JSON ({type(e).__name__})"
+    if not isinstance(other, dict):
+        return f"{f}: skipped, not a JSON object"
+    if not all(other.get(k) == res.get(k) for k in ("store", "split", "keys", "values")):
+        return None
+    p, rmse = other.get("prototypes"), other.get("rmse")
+    if not (isinstance(p, int) and not isinstance(p, bool) and 1 <= p < 2**53
+            and isinstance(rmse, numbers.Real) and not isinstance(rmse, bool)
+            and math.isfinite(rmse)):
+        return f"{f}: skipped, its prototypes {p!r} or rmse {rmse!r} is not a valid value"
+    return p, float(rmse)
+
+
+def _note(text: str) -> None:
+    print(f"scalemem eval --plots: {text}", file=sys.stderr, flush=True)
+
+
+def eval_plots(folder: Path, memory, meta, source, res, labels,
+               say: Callable[[str], None] = _note) -> list[str]:
+    """The pictures of ``scalemem eval --plots``, written into ``folder``; ``say`` gets a note
+    for each input it skips (a malformed sibling eval.json or training history)."""
     out = []
-    hist = (meta.get("metrics") or {}).get("rmse")
+    metrics = meta.get("metrics")
+    hist = metrics.get("rmse") if isinstance(metrics, dict) else None
+    if hist and not (isinstance(hist, list) and all(
+            isinstance(x, numbers.Real) and not isinstance(x, bool) for x in hist)):
+        say("the loss curve is skipped: the model's training RMSE history is not a list of "
+            "numbers")
+        hist = None
     if hist:  # the training RMSE against the step
         with _figure(folder / "loss_curve.png") as (_, _, ax):
             ax.plot(range(len(hist)), hist)
@@ -90,12 +124,11 @@ def eval_plots(folder: Path, memory, meta, source, res, labels) -> list[str]:
     # RMSE against P: this run and the sibling runs evaluated on the same rows of the same store
     points = {}
     for f in sorted(p for p in folder.parent.glob("*/eval.json") if p.parent != folder):
-        try:
-            other = json.loads(f.read_text())
-        except (OSError, ValueError):
-            continue
-        if all(other.get(k) == res.get(k) for k in ("store", "split", "keys", "values")):
-            points[int(other["prototypes"])] = float(other["rmse"])
+        point = _point(f, res)
+        if isinstance(point, str):
+            say(point)
+        elif point is not None:
+            points[point[0]] = point[1]
     points[int(res["prototypes"])] = float(res["rmse"])
     rows = [{"prototypes": p, "rmse": points[p]} for p in sorted(points)]
     out.append(str(plot_rmse_vs_prototypes(

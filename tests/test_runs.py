@@ -1,0 +1,302 @@
+"""Run folders you can trust (issue 13): a finished run extends like an interrupted one and refuses
+other settings or data; --overwrite checks the whole command before it removes anything and only
+removes what scalemem wrote; a moved or copied run resumes; eval refuses NaN data; --out must be
+a writable folder apart from the data; predict never replaces its input.
+
+The CLI runs in this process (as in test_cli.py) on small synthetic stores (600 rows, 4 key and
+3 value columns, P = 4, a few steps of the seed recipe, whose constant schedule makes a path up
+to a step independent of the number of steps)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import scalemem
+from scalemem import read_metadata
+from scalemem._data import StoreWriter, write_synthetic
+from scalemem._run import cli
+
+FIT = ["--prototypes", "4", "--recipe", "seed", "--learning-rate", "0.05", "--quiet",
+       "--no-compile-cache"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    return write_synthetic(tmp_path_factory.mktemp("runs-data") / "s.zarr", 600, key_dim=4,
+                           value_dim=3, seed=0)
+
+
+@pytest.fixture(scope="module")
+def other(tmp_path_factory) -> Path:
+    """Same shape, other numbers (only the content hash tells them apart)."""
+    return write_synthetic(tmp_path_factory.mktemp("runs-other") / "o.zarr", 600, key_dim=4,
+                           value_dim=3, seed=1)
+
+
+def _snapshot(folder: Path) -> dict:
+    """Every file under ``folder``: its bytes and modification time."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _refused(capsys, argv, *words) -> str:
+    """The CLI exits 2 with one error line naming ``words``, no traceback."""
+    rc = cli.main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "error:" in lines[0] and "Traceback" not in err, err
+    for w in words:
+        assert w in err, (w, err)
+    return err
+
+
+def _same_model(a: Path, b: Path) -> None:
+    ma, mb = scalemem.load(a), scalemem.load(b)
+    np.testing.assert_array_equal(np.asarray(mb.K), np.asarray(ma.K))  # bit-identical
+    np.testing.assert_array_equal(np.asarray(mb.V), np.asarray(ma.V))
+    assert read_metadata(b)["metrics"]["loss"] == read_metadata(a)["metrics"]["loss"]
+
+
+def _fit(store, out, steps, *more) -> None:
+    assert cli.main(["fit", str(store), *FIT, "--steps", str(steps), "--out", str(out),
+                     *more]) == 0
+
+
+# ----------------------------------------------------------- 1: a finished run is never replaced
+
+def test_finished_run_extends_bit_identically_and_refuses_another_fit(store, other, tmp_path,
+                                                                      capsys):
+    run, straight = tmp_path / "run", tmp_path / "straight"
+    _fit(store, run, 4)  # seconds long: no checkpoint by time, the final one only
+    assert (run / "checkpoints" / "step-000004.npz").is_file()
+    before = _snapshot(run)
+    # another store, P and lr: refused naming the field, nothing written
+    _refused(capsys, ["fit", "--resume", str(run), str(other), "--prototypes", "3",
+                      "--steps", "40", "--quiet"], "'prototypes'")
+    _refused(capsys, ["fit", "--resume", str(run), str(other), "--steps", "40", "--quiet"],
+             "'content_hash'")
+    assert _snapshot(run) == before
+    # the same fit, more steps: continues from the final checkpoint, as if run straight to 7
+    capsys.readouterr()
+    assert cli.main(["fit", "--resume", str(run), "--steps", "7", "--quiet", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["resumed_from"] == 4
+    _fit(store, straight, 7)
+    _same_model(straight, run)
+    # without any checkpoint (killed before the first one) config.json still binds the run
+    shutil.rmtree(run / "checkpoints")
+    (run / "model.npz").unlink()
+    before = _snapshot(run)
+    _refused(capsys, ["fit", "--resume", str(run), "--learning-rate", "0.5", "--quiet"],
+             "'learning_rate'", "config.json")
+    assert _snapshot(run) == before
+
+
+def test_extending_a_cosine_run_is_refused(store, tmp_path, capsys):
+    # the default recipe's cosine schedule decays over `steps`: 4 steps of a 4-step fit are not
+    # the first 4 steps of a 6-step fit, so there is nothing to extend
+    run = tmp_path / "cos"
+    assert cli.main(["fit", str(store), "--prototypes", "4", "--steps", "4", "--quiet",
+                     "--no-compile-cache", "--out", str(run)]) == 0
+    before = _snapshot(run)
+    _refused(capsys, ["fit", "--resume", str(run), "--steps", "6", "--quiet"], "'steps'")
+    assert _snapshot(run) == before
+
+
+# ------------------------------------------------- 2: --overwrite checks first, removes only ours
+
+@pytest.fixture(scope="module")
+def finished(store, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("finished") / "run"
+    _fit(store, run, 3)
+    return run
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"store": "typo.zarr"}, "typo.zarr"),
+    ({"--prototypes": "999999"}, "prototypes"),
+    ({"--keys": "nosuch"}, "nosuch"),
+    ({"--rows": "500:100"}, "rows"),
+])
+def test_overwrite_with_a_bad_command_keeps_the_run(finished, store, tmp_path, change, field,
+                                                    capsys):
+    before = _snapshot(finished)
+    args = {"store": str(store), "--prototypes": "4", "--keys": "keys", "--rows": "all"} | {
+        k: str(tmp_path / v) if k == "store" else v for k, v in change.items()}
+    argv = ["fit", args.pop("store"), *[x for kv in args.items() for x in kv], "--recipe",
+            "seed", "--steps", "3", "--quiet", "--no-compile-cache", "--out", str(finished),
+            "--overwrite"]
+    _refused(capsys, argv, field)
+    assert _snapshot(finished) == before
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_files_scalemem_did_not_write_are_never_replaced(store, tmp_path, overwrite, capsys):
+    mine = tmp_path / "mine"
+    (mine / "checkpoints").mkdir(parents=True)
+    (mine / "config.json").write_text('{"my": "settings"}\n')
+    (mine / "checkpoints" / "weights.bin").write_bytes(b"\x00" * 16)
+    before = _snapshot(mine)
+    _refused(capsys, ["fit", str(store), *FIT, "--steps", "3", "--out", str(mine)]
+             + ["--overwrite"] * overwrite, "config.json", "not a scalemem run folder")
+    assert _snapshot(mine) == before
+
+
+def test_overwrite_replaces_a_run(finished, store, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    (run / "notes.txt").write_text("kept")
+    _fit(store, run, 2, "--overwrite")
+    assert json.loads((run / "config.json").read_text())["steps"] == 2
+    assert (run / "notes.txt").read_text() == "kept"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002.npz"]
+
+
+# --------------------------------------------------------- 9: a moved or copied run resumes
+
+def test_moved_and_copied_runs_resume_in_their_new_place(finished, store, tmp_path, capsys):
+    before = _snapshot(finished)
+    copy, moved, straight = tmp_path / "copy", tmp_path / "moved", tmp_path / "straight"
+    shutil.copytree(finished, copy)
+    shutil.copytree(finished, tmp_path / "tmp")
+    shutil.move(tmp_path / "tmp", moved)
+    for run in (copy, moved):
+        assert cli.main(["fit", "--resume", str(run), "--steps", "5", "--quiet"]) == 0, \
+            capsys.readouterr().err
+        assert json.loads((run / "config.json").read_text())["out"] == str(run)
+    _fit(store, straight, 5)
+    _same_model(straight, copy)
+    _same_model(straight, moved)
+    assert _snapshot(finished) == before  # the original is untouched
+
+
+def test_a_folder_without_config_is_not_a_run_yet(store, tmp_path, capsys):
+    run = tmp_path / "run"  # what a fit killed before writing config.json leaves
+    run.mkdir()
+    (run / ".lock").touch()
+    _refused(capsys, ["fit", "--resume", str(run), "--quiet"], "not a run folder yet")
+    _fit(store, run, 2)  # a plain rerun goes ahead
+
+
+# ------------------------------------------------------------ 10: eval refuses non-finite data
+
+def test_eval_refuses_nan_data_naming_the_row(store, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    Q, X = rng.standard_normal((600, 4)), rng.standard_normal((600, 3))
+    X[123, 1] = np.nan
+    nan = tmp_path / "nan.h5"
+    with StoreWriter(nan, "hdf5") as w:
+        w.write_array("keys", Q.astype(np.float32))
+        w.write_array("values", X.astype(np.float32))
+        w.meta.update(rows=600, splits={"all": [0, 600]}, views={"keys": "keys",
+                                                                  "values": "values"})
+    run = tmp_path / "run"
+    _fit(nan, run, 2, "--rows", "0:100")  # rows without the NaN
+    _refused(capsys, ["eval", str(run), "--quiet"], "row 123", "NaN".lower())
+    rc = cli.main(["eval", str(run), "--quiet", "--json"])
+    out = capsys.readouterr().out
+
+    def strict(text):
+        raise ValueError(f"not JSON: {text}")
+
+    assert rc == 2 and json.loads(out, parse_constant=strict)["error"] == "NonFiniteDataError"
+
+
+# -------------------------------------------- 11: --out that cannot be a folder, no traceback
+
+@pytest.mark.parametrize("where", ["file", "under-file", "read-only", "the-store"])
+def test_out_must_be_a_writable_folder_apart_from_the_data(store, tmp_path, where, capsys):
+    (tmp_path / "afile").write_text("data")
+    out = {"file": tmp_path / "afile", "under-file": tmp_path / "afile" / "run",
+           "read-only": Path("/sys/scalemem-test-run"), "the-store": store}[where]
+    if where == "read-only" and not Path("/sys").is_dir():
+        pytest.skip("no /sys (a folder no one may write, root included)")
+    before = _snapshot(store)
+    _refused(capsys, ["fit", str(store), *FIT, "--steps", "2", "--out", str(out)], "out=")
+    assert (tmp_path / "afile").read_text() == "data" and _snapshot(store) == before
+
+
+# ------------------------------------------------------ 13: predict never replaces its input
+
+def test_predict_refuses_to_write_over_its_input(finished, store, tmp_path, capsys):
+    h5 = tmp_path / "s.h5"
+    write_synthetic(h5, 600, key_dim=4, value_dim=3, seed=0, format="hdf5")
+    before, run_before = h5.read_bytes(), _snapshot(finished)
+    _refused(capsys, ["predict", str(finished), str(h5), "--out", str(h5), "--overwrite",
+                      "--quiet"], "input store")
+    _refused(capsys, ["predict", str(finished), str(store), "--out", str(store / "p.zarr"),
+                      "--quiet"], "input store")
+    _refused(capsys, ["predict", str(finished), str(h5), "--out", str(finished), "--overwrite",
+                      "--quiet"], "the model")
+    assert h5.read_bytes() == before and _snapshot(finished) == run_before
+    assert cli.main(["predict", str(finished), str(h5), "--out", str(finished / "p.zarr"),
+                     "--quiet"]) == 0  # beside the model is fine
+
+
+@pytest.mark.parametrize("after", [0.0, 0.3, 0.6])
+def test_sigint_while_the_command_starts_exits_130_without_a_traceback(store, tmp_path, after):
+    """A Ctrl-C while the command imports JAX (before any command code could catch it), or just
+    after, ends it with status 130 and no traceback (case 11). The signal is sent ``after``
+    seconds after JAX's native library is mapped into the process: an earlier one lands in the
+    interpreter's own start-up (site), before any scalemem code exists to handle it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "scalemem", "fit", str(store), *FIT,
+                             "--steps", "50", "--out", str(tmp_path / "run")],
+                            env=dict(os.environ, JAX_PLATFORMS="cpu"), stderr=subprocess.PIPE,
+                            text=True)
+    maps = Path(f"/proc/{proc.pid}/maps")
+    deadline = time.monotonic() + 120  # a loaded machine imports slowly; this only bounds a hang
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            if "jaxlib" in maps.read_text():
+                break
+        except OSError:
+            pass
+        time.sleep(0.002)
+    time.sleep(after)
+    proc.send_signal(signal.SIGINT)
+    # 300 s: the process exits at once; the bound only guards against a hang on a loaded machine
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+
+
+def test_a_failed_metrics_append_stops_with_a_checkpoint_and_resumes(store, tmp_path, capsys,
+                                                                      monkeypatch):
+    """A full disk under metrics.jsonl (case 7): the fit stops at once with a CheckpointError
+    naming the file, its progress kept in a checkpoint; after `--resume` the model and the
+    metrics equal an uninterrupted fit's (the missing record rebuilt from the checkpoint)."""
+    from scalemem._errors import CheckpointError
+    from scalemem._run.metrics import MetricsWriter, read_metrics
+
+    orig = MetricsWriter.__call__
+
+    def full_disk(self, report):
+        if report.step == 3:
+            raise CheckpointError(f"{self.path}: cannot append the record of step 3 (test)")
+        return orig(self, report)
+
+    run, straight = tmp_path / "run", tmp_path / "straight"
+    monkeypatch.setattr(MetricsWriter, "__call__", full_disk)
+    err = _refused(capsys, ["fit", str(store), *FIT, "--steps", "6", "--out", str(run)],
+                   "metrics.jsonl", "step 3")
+    assert "Traceback" not in err
+    assert sorted(p.name for p in (run / "checkpoints").glob("*.npz"))  # the progress is kept
+    assert not (run / "model.npz").exists()
+    monkeypatch.undo()
+    assert cli.main(["fit", "--resume", str(run), "--quiet"]) == 0
+    _fit(store, straight, 6)
+    _same_model(straight / "model.npz", run / "model.npz")
+    got, want = read_metrics(run), read_metrics(straight)
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(6))
+    assert [(r["loss"], r["rmse"]) for r in got] == [(r["loss"], r["rmse"]) for r in want]
