@@ -91,16 +91,11 @@ def child(a) -> dict:
         resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
     t_start = time.perf_counter()
     import jax  # noqa: PLC0415 - imported after setrlimit on purpose
-    import jax.numpy as jnp  # noqa: PLC0415
 
-    from scalemem import FitConfig  # noqa: PLC0415
     from scalemem._data import open_source  # noqa: PLC0415
-    from scalemem._engine.engines import StreamedEngine  # noqa: PLC0415
-    from scalemem._engine.fitting import build_engine  # noqa: PLC0415
-    from scalemem._engine.init import normal_keys  # noqa: PLC0415
     from scalemem._engine.loop import fit_engine  # noqa: PLC0415
-    from scalemem._engine.mesh import replicate  # noqa: PLC0415
     from scalemem._engine.programs import init_state  # noqa: PLC0415
+    from streamed import streamed_engine  # noqa: PLC0415
 
     after_import = _status()
     source = open_source(a.store)
@@ -139,23 +134,15 @@ def child(a) -> dict:
             return self.inner.locate_nonfinite()
 
     with jax.enable_x64(True):
-        cfg = FitConfig(prototypes=a.prototypes, recipe="seed", steps=a.steps,
-                        residency="streamed", devices=1, chunk_rows=a.chunk_rows,
-                        chunks_per_block=a.chunks_per_block)
-        # build_engine makes the programs' spec (mesh, optimiser, scales, precisions); the
-        # engine is made again on that spec with the read-ahead depth asked for
-        spec = build_engine(source, cfg).spec
-        engine = StreamedEngine(source, spec, ridge=cfg.ridge, chunk_rows=a.chunk_rows,
-                                chunks_per_block=a.chunks_per_block, dtype=jnp.float32,
-                                prefetch=a.prefetch)
-        # replicated over the mesh as the engine's own outputs are (as fit_data does), so that
-        # step 1 runs the programs step 0 compiled
-        K0 = replicate(normal_keys(a.prototypes, source.key_dim, 0, jnp.float32), spec.mesh)
-        state = init_state(K0, spec=spec)
+        cfg, engine, K0 = streamed_engine(source, a.prototypes, steps=a.steps,
+                                          chunk_rows=a.chunk_rows,
+                                          chunks_per_block=a.chunks_per_block,
+                                          prefetch=a.prefetch)
+        state = init_state(K0, spec=engine.spec)
         timed = Timed(engine)
         t_fit = time.perf_counter()
         timed.last, timed.last_cpu = t_fit, cpu()
-        res = fit_engine(timed, K0, spec.transformation(), steps=a.steps, opt_state=state)
+        res = fit_engine(timed, K0, engine.spec.transformation(), steps=a.steps, opt_state=state)
         fit_s = time.perf_counter() - t_fit
     st = _status()
     timed_steps = steps_t[1:] if len(steps_t) > 1 else steps_t

@@ -53,16 +53,12 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
 
     import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
     from jax.sharding import NamedSharding, PartitionSpec  # noqa: PLC0415
 
-    from scalemem import FitConfig, _core  # noqa: PLC0415
+    from scalemem import _core  # noqa: PLC0415
     from scalemem._data import ChunkStream, open_source  # noqa: PLC0415
     from scalemem._engine import programs  # noqa: PLC0415
-    from scalemem._engine.engines import StreamedEngine  # noqa: PLC0415
-    from scalemem._engine.fitting import build_engine  # noqa: PLC0415
-    from scalemem._engine.init import normal_keys  # noqa: PLC0415
-    from scalemem._engine.mesh import replicate  # noqa: PLC0415
+    from streamed import streamed_engine  # noqa: PLC0415
 
     if a.store is None:
         if a.workdir is None:
@@ -119,16 +115,9 @@ def main(argv=None) -> int:
 
     if a.stats:
         with jax.enable_x64(True):
-            cfg = FitConfig(prototypes=a.prototypes, recipe="seed", residency="streamed",
-                            devices=1, chunk_rows=a.chunk_rows,
-                            chunks_per_block=a.chunks_per_block)
-            # build_engine makes the programs' spec; the engine is made again on that spec with
-            # the read-ahead depth asked for
-            spec = build_engine(src, cfg).spec
-            eng = StreamedEngine(src, spec, ridge=cfg.ridge, chunk_rows=a.chunk_rows,
-                                 chunks_per_block=a.chunks_per_block, dtype=jnp.float32,
-                                 prefetch=a.prefetch)
-            K = replicate(normal_keys(a.prototypes, src.key_dim, 0, jnp.float32), spec.mesh)
+            _, eng, K = streamed_engine(src, a.prototypes, chunk_rows=a.chunk_rows,
+                                        chunks_per_block=a.chunks_per_block, prefetch=a.prefetch)
+            spec = eng.spec
             jax.block_until_ready(eng.final(K))  # compile
             t = time.perf_counter()
             jax.block_until_ready(eng.final(K))
