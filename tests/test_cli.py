@@ -106,6 +106,17 @@ def test_abbreviated_flags_are_refused(argv, capsys):
     assert "unrecognized arguments" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("bad", [["--schedule", "cosin"], ["--learning-rate", "fast"],
+                                 ["--steps", "-1"], ["--bogus"]])
+def test_usage_errors_print_a_json_object_with_json(bad, capsys):
+    """With --json, stdout is always one JSON object, a usage error included."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(["fit", "s.zarr", "--json", *bad])
+    assert e.value.code == 2
+    out = json.loads(capsys.readouterr().out)
+    assert out["error"] == "UsageError" and out["message"]
+
+
 # -------------------------------------------------------------------------------------- config
 
 

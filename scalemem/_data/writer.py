@@ -132,7 +132,8 @@ class StoreWriter(contextlib.AbstractContextManager):
         self.format = _check_format(format)
         self.path = Path(path)
         if self.path.exists() and not overwrite:
-            raise DataError(f"{self.path}: already exists (pass overwrite=True to replace it)")
+            raise DataError(f"{self.path}: already exists (replace it with --overwrite, or "
+                            "overwrite=True in Python)")
         if not self.path.parent.is_dir():
             raise DataError(f"{self.path.parent}: no such directory")
         self.overwrite = overwrite

@@ -105,9 +105,20 @@ def _add_options(p: argparse.ArgumentParser, cmd: Command) -> None:
     p.set_defaults(_command=cmd)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser whose usage errors (exit 2) keep their message for ``--json``."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        e = SystemExit(2)
+        e.message = f"{self.prog}: {message}"
+        raise e
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="scalemem", formatter_class=fmt, allow_abbrev=False,  # a typo is an error
         description="Fit differentiable memory (attention as a lossy key-value store) to data "
         "of any size.\n\nTypical session:\n"
@@ -201,7 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     # threads spin against XLA's. SciPy's OpenBLAS, which JAX's CPU LAPACK kernels use, is loaded
     # at the first solve, after this line; a value set by the user wins.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    ns = build_parser().parse_args(argv)
+    try:
+        ns = build_parser().parse_args(argv)
+    except SystemExit as e:  # a usage error: with --json, stdout still gets a JSON object
+        if getattr(e, "message", None) and "--json" in (sys.argv[1:] if argv is None else argv):
+            print(to_json({"error": "UsageError", "message": e.message, "field": None}),
+                  flush=True)
+        raise
     cmd: Command = ns._command
     given = {k: v for k, v in vars(ns).items() if not k.startswith("_")}
     json_out = bool(given.get("json"))
