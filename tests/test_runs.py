@@ -300,3 +300,86 @@ def test_a_failed_metrics_append_stops_with_a_checkpoint_and_resumes(store, tmp_
     got, want = read_metrics(run), read_metrics(straight)
     assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(6))
     assert [(r["loss"], r["rmse"]) for r in got] == [(r["loss"], r["rmse"]) for r in want]
+
+
+# ------------------------------------------- found by a hostile trial of the cases above
+
+def test_overwrite_of_data_and_predict_replaces_only_a_scalemem_store(store, tmp_path, capsys):
+    """`--overwrite` of `data` and `predict` never deletes a folder or file scalemem did not
+    write (a project folder, a run folder, the model being read)."""
+    proj = tmp_path / "proj"
+    (proj / "src").mkdir(parents=True)
+    (proj / "src" / "main.py").write_text("print('mine')\n")
+    before = _snapshot(proj)
+    _refused(capsys, ["data", "synthetic", "--out", str(proj), "--rows", "100", "--key-dim", "4",
+                      "--value-dim", "3", "--overwrite", "--quiet"], "not a store written")
+    run = tmp_path / "run"
+    _fit(store, run, 2)
+    runs_before = _snapshot(run)
+    for out in (run, run / "model.npz"):
+        _refused(capsys, ["predict", str(run), str(store), "--out", str(out), "--overwrite",
+                          "--quiet"])
+    assert _snapshot(proj) == before and _snapshot(run) == runs_before
+    pred = tmp_path / "pred.zarr"  # a store scalemem wrote is replaced
+    for _ in range(2):
+        assert cli.main(["predict", str(run), str(store), "--out", str(pred), "--overwrite",
+                         "--quiet"]) == 0
+
+
+def test_damaged_newer_checkpoints_are_set_aside_and_progress_is_kept(store, tmp_path, capsys):
+    """Damaged (or misnamed) checkpoints with higher step numbers than the newest good one are
+    set aside (kept, renamed), so the checkpoints the resumed fit writes are not pruned in
+    their favour; with no loadable checkpoint at all, the resume is refused."""
+    run, straight = tmp_path / "run", tmp_path / "straight"
+    _fit(store, run, 4, "--checkpoint-every", "1")
+    ck = run / "checkpoints"
+    good = sorted(ck.glob("step-*.npz"))
+    (ck / "step-000900.npz").write_bytes(b"damaged" * 10)
+    shutil.copy(good[0], ck / "step-000950.npz")  # a good file under a wrong name
+    assert cli.main(["fit", "--resume", str(run), "--steps", "6", "--quiet"]) == 0
+    names = sorted(p.name for p in ck.iterdir())
+    assert "step-000006.npz" in names and "step-000900.npz.damaged" in names
+    assert "step-000950.npz.damaged" in names
+    _fit(store, straight, 6)
+    _same_model(straight / "model.npz", run / "model.npz")
+    for p in ck.glob("step-*.npz"):
+        p.write_bytes(b"x")
+    _refused(capsys, ["fit", "--resume", str(run), "--steps", "8", "--quiet"],
+             "none of its", "can be read")
+
+
+def test_a_foreign_folder_with_a_checkpoint_like_file_is_not_a_run(store, tmp_path, capsys):
+    folder = tmp_path / "foreign"
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "config.json").write_text('{"lr": 0.1, "note": "other tool"}')
+    (folder / "checkpoints" / "step-000001.npz").write_bytes(bytes(100))
+    before = _snapshot(folder)
+    _refused(capsys, ["fit", str(store), *FIT, "--steps", "2", "--out", str(folder),
+                      "--overwrite"], "not a scalemem run folder")
+    assert _snapshot(folder) == before
+
+
+def test_special_files_and_long_names_are_refused_quickly(store, tmp_path, capsys):
+    """A metrics.jsonl or --config that is a device or FIFO, and a name longer than the file
+    system allows, are typed errors (exit 2), not an endless read or a traceback."""
+    import os
+
+    run = tmp_path / "run"
+    _fit(store, run, 2)
+    (run / "metrics.jsonl").unlink()
+    os.symlink("/dev/zero", run / "metrics.jsonl")
+    _refused(capsys, ["fit", "--resume", str(run), "--steps", "3", "--quiet"], "metrics.jsonl")
+    _refused(capsys, ["fit", str(store), *FIT, "--config", "/dev/zero"], "config")
+    _refused(capsys, ["fit", str(store), *FIT, "--out", str(tmp_path / ("y" * 300))])
+
+
+def test_a_damaged_model_tells_how_to_resume(store, tmp_path, capsys):
+    run = tmp_path / "run"
+    _fit(store, run, 2)
+    data = bytearray((run / "model.npz").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (run / "model.npz").write_bytes(bytes(data))
+    _refused(capsys, ["fit", "--resume", str(run), "--steps", "3", "--quiet"],
+             "Delete", "resume again")
+    (run / "model.npz").unlink()
+    assert cli.main(["fit", "--resume", str(run), "--steps", "3", "--quiet"]) == 0

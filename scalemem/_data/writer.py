@@ -19,7 +19,7 @@ from .._validate import check_int
 from ..datasets import fashion_mnist as fm
 from .stores import META_KEY, meta_digest
 
-__all__ = ["FORMATS", "StoreWriter", "ArrayWriter", "StoreWriteError", "default_chunk_rows",
+__all__ = ["FORMATS", "StoreWriter", "ArrayWriter", "StoreWriteError", "default_chunk_rows", "is_store",
            "write_fashion_mnist", "write_synthetic"]
 
 FORMATS = ("zarr", "hdf5")
@@ -105,6 +105,26 @@ class ArrayWriter:
                             f"{self.shape[0]} rows; the store was not published")
 
 
+def is_store(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a store scalemem wrote: a Zarr directory or an HDF5 file (not a link)
+    whose root carries the ``scalemem`` record."""
+    p = Path(path)
+    try:
+        if p.is_symlink():
+            return False
+        if p.is_dir():
+            attrs = json.loads((p / "zarr.json").read_text()).get("attributes") or {}
+            return isinstance(attrs, dict) and META_KEY in attrs
+        if p.is_file():
+            import h5py
+
+            with h5py.File(p, "r", locking=False) as f:
+                return META_KEY in f.attrs
+    except (OSError, ValueError, AttributeError):
+        return False
+    return False
+
+
 class StoreWriter(contextlib.AbstractContextManager):
     """Writes a store (``format`` ``"zarr"``: a Zarr v3 directory, ``"hdf5"``: an HDF5 file).
 
@@ -136,6 +156,11 @@ class StoreWriter(contextlib.AbstractContextManager):
                             "overwrite=True in Python)")
         if not self.path.parent.is_dir():
             raise DataError(f"{self.path.parent}: no such directory")
+        if overwrite and (self.path.exists() or self.path.is_symlink()) and not is_store(
+                self.path):
+            raise DataError(f"{self.path}: exists and is not a store written by scalemem (no "
+                            f"{META_KEY!r} record); overwrite replaces only such a store, never "
+                            "other files or folders: choose another path, or remove it yourself")
         self.overwrite = overwrite
         self._replacing = overwrite and self.path.exists()  # for messages
         self._tmp = self.path.with_name(f".{self.path.name}.partial-{os.getpid()}")

@@ -190,9 +190,12 @@ class CheckpointManager:
         skipped (with a warning if ``warn``) and listed in ``skipped`` (``(path, reason)``,
         newest first); one carrying a pickle payload is refused (:class:`UnsafeFileError`)."""
         self.skipped = []
-        for _, p in reversed(self.paths()):
+        for step, p in reversed(self.paths()):
             try:
-                return self.load(p)
+                ckpt = self.load(p)
+                if ckpt.step != step:  # renamed or copied: its name would order it wrongly
+                    raise CheckpointError(f"{p}: named step {step} but holds step {ckpt.step}")
+                return ckpt
             except UnsafeFileError:
                 raise
             except CheckpointError as e:

@@ -153,10 +153,18 @@ def _checked(key: str, value, meta, where: str):
         raise ConfigError(key, value, f"in {where}: {why}") from None
 
 
+_MAX_TOML = 1 << 20  # a settings file is a few lines
+
+
 def _toml_settings(path: str, cmd: Command) -> dict:
     """The settings of ``cmd`` in the TOML file ``path``: its top-level keys that are settings of
     some command, and its ``[TABLE]`` of ``cmd``, whose keys must all be ``cmd``'s."""
     try:
+        if os.path.exists(path) and not os.path.isfile(path):  # a device, FIFO or folder
+            raise ConfigError("config", path, "not a regular file")
+        if os.path.exists(path) and os.path.getsize(path) > _MAX_TOML:
+            raise ConfigError("config", path, f"larger than {_MAX_TOML >> 20} MiB: not a "
+                              "settings file")
         with open(path, "rb") as f:
             data = tomllib.load(f)
     except FileNotFoundError as e:
@@ -223,8 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     given = {k: v for k, v in vars(ns).items() if not k.startswith("_")}
     json_out = bool(given.get("json"))
     try:
-        if threading.current_thread() is threading.main_thread():  # Ctrl-C: KeyboardInterrupt
-            signal.signal(signal.SIGINT, signal.default_int_handler)  # (see scalemem/__init__)
+        # Ctrl-C: a KeyboardInterrupt, except in `fit`, which keeps the immediate exit of
+        # scalemem/__init__ until its own handlers take over (an exception raised inside one of
+        # JAX's callbacks is swallowed, and the fit would run on)
+        if threading.current_thread() is threading.main_thread() and cmd.key != "fit":
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         cfg = resolve(cmd, given)
         json_out = bool(cfg.get("json"))
         result = cmd.run(cfg, _printer(cfg))
@@ -233,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         if json_out:
             print(to_json(e.result), flush=True)
         return e.exit_code
-    except ScalememError as e:
+    except (ScalememError, OSError) as e:  # OSError: a path the file system refuses
         print(f"scalemem {cmd.key}: error: {e}", file=sys.stderr, flush=True)
         if json_out:
             print(to_json({"error": type(e).__name__, "message": str(e),

@@ -21,6 +21,8 @@ def _lines(path: Path):
     """``(line number, record or None, whether the line is complete)`` for each non-blank line of
     a metrics file; a record is a JSON object whose ``step`` is an integer ≥ 0."""
     try:
+        if not path.is_file() and (path.exists() or path.is_symlink()):
+            raise OSError("not a regular file")  # a FIFO, a device (/dev/zero) or a folder
         data = path.read_bytes()
     except FileNotFoundError:
         return

@@ -186,8 +186,11 @@ def fit_run(cfg: dict, *, resume: bool = False, say: Callable[[str], None] = pri
             barrier("scalemem-fit-checked")  # every process looked before process 0 writes
             manager = CheckpointManager(run / CHECKPOINT_DIR, keep=runc.keep_checkpoints)
             ckpt = manager.latest(warn=False) if resume else None
-            for skipped, why in manager.skipped:
-                say(f"skipped damaged checkpoint {skipped.name}: {why}")
+            if resume and ckpt is None and manager.skipped:
+                raise CheckpointError(
+                    f"{run}: none of its {len(manager.skipped)} checkpoints can be read (newest: "
+                    f"{manager.skipped[0][1]}); start over with --overwrite, or put a good "
+                    "checkpoint back")
             if resume:  # a checkpoint of scalemem ≤ 0.2 hashed a few rows: compare like it
                 legacy = (ckpt.meta.get("fingerprint") or {}).get("hashed_rows") if ckpt else None
                 check_fp = (data_fingerprint(source, hashed_rows=legacy)
@@ -198,6 +201,10 @@ def fit_run(cfg: dict, *, resume: bool = False, say: Callable[[str], None] = pri
                     return done
                 say(f"{run}: no checkpoint yet; starting from step 0" if ckpt is None else
                     f"resuming {run} from step {ckpt.step} ({ckpt.path.name})")
+            for skipped, why in manager.skipped if writer else ():  # set aside, kept: newer
+                skipped.rename(skipped.with_name(skipped.name + ".damaged"))  # ones would
+                say(f"set aside damaged checkpoint {skipped.name} as {skipped.name}.damaged: "
+                    f"{why}")  # otherwise prune the checkpoints this run writes next
             if used and not resume and writer:  # --overwrite, everything checked: remove last
                 _remove_run(run)
             if writer:  # from here on the folder is a run folder
@@ -241,10 +248,11 @@ def is_run_folder(run: str | os.PathLike) -> bool:
         return False
     if not isinstance(obj, dict):
         return False
-    if obj.get("format") == RUN_FORMAT or CheckpointManager(run / CHECKPOINT_DIR).paths():
+    if obj.get("format") == RUN_FORMAT:
         return True
-    try:
-        return bool(read_metadata(run / MODEL_FILE))
+    try:  # a run of scalemem ≤ 0.2: a scalemem model or a loadable scalemem checkpoint
+        return bool((run / MODEL_FILE).is_file() and read_metadata(run / MODEL_FILE)) or (
+            CheckpointManager(run / CHECKPOINT_DIR).latest(warn=False) is not None)
     except (ScalememError, OSError):
         return False
 
@@ -288,7 +296,11 @@ def _check_resume(run, saved, record, fingerprint, ckpt, steps) -> dict | None:
     saved_fp = saved.get("fingerprint") or {}  # none in a config.json from before 0.2.1
     check_compatible({"config": saved, "fingerprint": saved_fp}, record,
                      fingerprint if saved_fp else {}, run / CONFIG_FILE)
-    meta = load_with_metadata(run)[1] if (run / MODEL_FILE).is_file() else None
+    try:
+        meta = load_with_metadata(run)[1] if (run / MODEL_FILE).is_file() else None
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}. Delete {run / MODEL_FILE} and resume again: the model is "
+                              "rebuilt from the newest checkpoint") from None
     if meta is not None:
         check_compatible(meta, record, fingerprint, run / MODEL_FILE)
     if ckpt is not None:
