@@ -221,7 +221,8 @@ class HDF5Store(Store):
             where = (f"{self.name}: array {name!r} is a virtual dataset mapping dataset "
                      f"{vs.dset_name!r} of {vs.file_name!r}")
             todo = ("; reading it would give the fill value instead of data. Restore the source "
-                    "file (next to the virtual one, or in $HDF5_VDS_PREFIX), or re-create the store")
+                    "file (next to the virtual one, or in $HDF5_VDS_PREFIX), or re-create the "
+                    "store")
             if vs.file_name == ".":
                 f, close = self._root, False
             else:

@@ -19,8 +19,8 @@ from .._validate import check_int
 from ..datasets import fashion_mnist as fm
 from .stores import META_KEY, meta_digest
 
-__all__ = ["FORMATS", "StoreWriter", "ArrayWriter", "StoreWriteError", "default_chunk_rows", "is_store",
-           "write_fashion_mnist", "write_synthetic"]
+__all__ = ["FORMATS", "StoreWriter", "ArrayWriter", "StoreWriteError", "default_chunk_rows",
+           "is_store", "write_fashion_mnist", "write_synthetic"]
 
 FORMATS = ("zarr", "hdf5")
 _MIN_CHUNK, _MAX_CHUNK, _CHUNK_BYTES = 4096, 16384, 16 << 20
