@@ -15,7 +15,7 @@ import numpy as np
 from .._errors import ConfigError, DataError, ScalememError
 
 __all__ = ["META_KEY", "MISSING_CHUNKS", "Store", "DictStore", "HDF5Store", "ZarrStore",
-           "meta_digest", "check_missing_chunks", "store_format"]
+           "meta_digest", "check_missing_chunks", "store_format", "is_store"]
 
 META_KEY = "scalemem"  # the root attribute holding splits and default views
 # What a read does when a chunk that covers its rows is not stored (deleted, lost in a copy, or
@@ -316,6 +316,26 @@ class ZarrStore(Store):
                 raise self._missing(name, arr, f"chunk {key!r}", i, rows, arr.fill_value,
                                     " (zarr also omits chunks equal to the fill value unless "
                                     "they are written with write_empty_chunks=True)")
+
+
+def is_store(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a store scalemem wrote: a Zarr directory or an HDF5 file (not a link)
+    whose root carries the ``scalemem`` record."""
+    p = Path(path)
+    try:
+        if p.is_symlink():
+            return False
+        if p.is_dir():
+            attrs = json.loads((p / "zarr.json").read_text()).get("attributes") or {}
+            return isinstance(attrs, dict) and META_KEY in attrs
+        if p.is_file():
+            import h5py
+
+            with h5py.File(p, "r", locking=False) as f:
+                return META_KEY in f.attrs
+    except (OSError, ValueError, AttributeError):
+        return False
+    return False
 
 
 def store_format(path: str | os.PathLike) -> str:

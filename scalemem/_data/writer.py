@@ -17,10 +17,10 @@ import numpy as np
 from .._errors import ConfigError, DataError, ScalememError
 from .._validate import check_int
 from ..datasets import fashion_mnist as fm
-from .stores import META_KEY, meta_digest
+from .stores import META_KEY, is_store, meta_digest
 
 __all__ = ["FORMATS", "StoreWriter", "ArrayWriter", "StoreWriteError", "default_chunk_rows",
-           "is_store", "write_fashion_mnist", "write_synthetic"]
+           "write_fashion_mnist", "write_synthetic"]
 
 FORMATS = ("zarr", "hdf5")
 _MIN_CHUNK, _MAX_CHUNK, _CHUNK_BYTES = 4096, 16384, 16 << 20
@@ -103,26 +103,6 @@ class ArrayWriter:
         if self.written != self.shape[0]:
             raise DataError(f"{self._where}: array {self.name!r} got {self.written} of its "
                             f"{self.shape[0]} rows; the store was not published")
-
-
-def is_store(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a store scalemem wrote: a Zarr directory or an HDF5 file (not a link)
-    whose root carries the ``scalemem`` record."""
-    p = Path(path)
-    try:
-        if p.is_symlink():
-            return False
-        if p.is_dir():
-            attrs = json.loads((p / "zarr.json").read_text()).get("attributes") or {}
-            return isinstance(attrs, dict) and META_KEY in attrs
-        if p.is_file():
-            import h5py
-
-            with h5py.File(p, "r", locking=False) as f:
-                return META_KEY in f.attrs
-    except (OSError, ValueError, AttributeError):
-        return False
-    return False
 
 
 class StoreWriter(contextlib.AbstractContextManager):
