@@ -143,7 +143,9 @@ class ViewSource(Closable):
         self.name = store.name
         self.rows = stop - self.row_offset
         self.key_dim, self.value_dim = self._kview.width, self._vview.width
-        self.key_dtype, self.value_dtype = self._kview.dtype, self._vview.dtype
+        # in native byte order: a big-endian array (from other tools) is read as native
+        self.key_dtype, self.value_dtype = (np.dtype(v.dtype).newbyteorder("=")
+                                            for v in (self._kview, self._vview))
         self.key_scale, self.value_scale = self._kview.scale, self._vview.scale
         self.key_view, self.value_view = str(specs["keys"]), str(specs["values"])
         self.key_array, self.value_array = self._kview.array, self._vview.array

@@ -139,7 +139,8 @@ class Store:
                     if i not in seen:
                         self._check_chunk_row(name, arr, i, rows)
                         seen.add(i)
-            return np.asarray(arr[a:b])
+            out = np.asarray(arr[a:b])  # native byte order (JAX takes no other)
+            return out if out.dtype.isnative else out.astype(out.dtype.newbyteorder("="))
         except (ScalememError, MemoryError):
             raise
         except Exception as e:  # noqa: BLE001 - h5py, zarr and the codecs raise many types
