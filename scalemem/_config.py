@@ -21,7 +21,7 @@ from typing import Any, Mapping
 from ._errors import ConfigError
 
 __all__ = ["setting", "same", "Validated", "FitConfig", "DataConfig", "RunConfig", "RECIPES",
-           "PRECISIONS", "build", "check_value", "MAX_SEED", "MAX_CLASSES"]
+           "PRECISIONS", "build", "check_value", "check_fields", "MAX_SEED", "MAX_CLASSES"]
 
 PRECISIONS = ("highest", "tf32", "bf16")
 RESIDENCIES = ("auto", "resident", "streamed")
@@ -245,6 +245,14 @@ def same(cls, name: str, **changes):
     f = next(f for f in dataclasses.fields(cls) if f.name == name)
     default = changes.pop("default", f.default)
     return dataclasses.field(default=default, metadata={**f.metadata, **changes})
+
+
+def check_fields(values: Mapping[str, Any], *classes) -> dict:
+    """``values`` with each key that is a field of one of ``classes`` checked like that field
+    (other keys kept as they are); a wrong type or range is a :class:`ConfigError` naming it."""
+    fields = {f.name: f for c in classes for f in dataclasses.fields(c)}
+    return {k: check_value(k, v, fields[k].metadata) if k in fields else v
+            for k, v in values.items()}
 
 
 def build(cls, values: Mapping[str, Any], *, strict: bool = False):

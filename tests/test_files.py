@@ -202,6 +202,39 @@ def test_metadata_of_the_wrong_type_is_refused(tmp_path, capsys):
     assert "'config' is int 7" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("field, value", [("prototypes", "8"), ("ridge", [1]),
+                                          ("values_are_labels", "yes"), ("store", 5)])
+def test_settings_of_the_wrong_type_in_a_model_are_refused(tmp_path, field, value, capsys):
+    path = tmp_path / "model.npz"
+    path.write_bytes(_zip(_model_members(config={field: value})))
+    with pytest.raises(CheckpointError, match=f"config field {field}="):
+        scalemem.load(path)
+    assert cli.main(["eval", str(path), "--quiet"]) == 2
+    assert f"config field {field}=" in capsys.readouterr().err
+
+
+def test_big_endian_arrays_in_a_model_load_in_native_byte_order(tmp_path):
+    """A model whose arrays another tool wrote big-endian predicts like its native copy."""
+    rng = np.random.default_rng(0)
+    K, V = rng.normal(size=(3, 5)).astype(np.float32), rng.normal(size=(3, 2)).astype(np.float32)
+    native, swapped = tmp_path / "native.npz", tmp_path / "big.npz"
+    native.write_bytes(_zip(_model_members(K, V)))
+    swapped.write_bytes(_zip(_model_members(K.astype(">f4"), V.astype(">f4"))))
+    a, b = scalemem.load(native), scalemem.load(swapped)
+    assert np.asarray(b.K).dtype == np.float32 and np.asarray(b.K).dtype.isnative
+    q = rng.normal(size=(7, 5)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(b.predict(q)), np.asarray(a.predict(q)))
+
+
+def test_a_folder_named_like_a_model_file_is_never_written_into(tmp_path):
+    folder = tmp_path / "model.npz"
+    folder.mkdir()
+    memory = scalemem.Memory(jnp.ones((2, 3)), jnp.ones((2, 4)))
+    with pytest.raises(CheckpointError, match="is a folder, not a model file"):
+        scalemem.save(memory, folder)
+    assert not any(folder.iterdir())
+
+
 # ---- NaN and empty models (case 10) -------------------------------------------------------------
 
 

@@ -10,6 +10,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 
 import h5py
@@ -61,13 +63,34 @@ def test_data_changed_during_a_streamed_fit_stops_it(tmp_path, change):
                             chunks_per_block=1, callback=rewrite, checkpoint=states.append,
                             checkpoint_every=1)
     msg = str(e.value)
-    rows = "rows 0:" if change == "store replaced" else ":4000 changed"
-    assert msg.startswith(f"{path}: ") and rows in msg and "changed while they were being read" in msg
+    # a replaced store is seen before its rows are read (its zarr.json is another file); rows
+    # changed in place when the block's CRC-32 differs from the first pass's
+    says = ("replaced or changed while it was open (reading rows 0:" if change == "store replaced"
+            else ":4000 changed while they were being read")
+    assert msg.startswith(f"{path}: ") and says in msg, msg
     # every checkpoint written is one of the fit on the original data, bit for bit: none comes
     # from a step that read the new rows
     assert states and len(states) < len(ref)
     for s in states:
         np.testing.assert_array_equal(np.asarray(s.K), np.asarray(ref[s.step - 1].K))
+
+
+def test_a_small_hdf5_file_edited_in_place_during_a_streamed_fit_stops_it(tmp_path):
+    """h5py's caches hold a small file whole, so the edit never reaches a re-read block: the
+    file's size and modification time, checked before every read, catch it."""
+    path = write_synthetic(tmp_path / "live.h5", 4000, key_dim=8, value_dim=16, seed=0,
+                           format="hdf5")
+
+    def edit(report):
+        if report.step == 1:  # another process (this one's HDF5 library has the file open)
+            subprocess.run([sys.executable, "-c", "import h5py, sys\n"
+                            "with h5py.File(sys.argv[1], 'r+', locking=False) as f:\n"
+                            "    f['values'][100:101] = 255 - f['values'][100:101]\n",
+                            str(path)], check=True, timeout=120)
+
+    with open_source(path) as src, pytest.raises(DataError, match="replaced or changed while"):
+        scalemem.fit_source(src, 4, steps=6, recipe="seed", residency="streamed",
+                            chunk_rows=512, chunks_per_block=1, callback=edit)
 
 
 def test_store_replaced_with_another_layout_is_named_so(tmp_path):

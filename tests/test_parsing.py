@@ -21,6 +21,7 @@ from scalemem._config import (MAX_CLASSES, MAX_SEED, DataConfig, FitConfig, RunC
 from scalemem._data import LabelSource, StoreWriter, open_source, parse_view
 from scalemem._run import cli
 from scalemem._run.metrics import MetricsWriter, read_metrics, truncate_metrics
+from scalemem._run.runs import RUN_FORMAT
 
 FIT = next(c for c in cli.COMMANDS if c.key == "fit")
 # derandomized: the same examples on every run; 60 examples of each kind take a few seconds
@@ -222,7 +223,8 @@ def test_any_toml_document_is_settings_or_a_typed_error(tmp_path_factory, doc, t
 
 def _run_folder(path: Path, **edits) -> Path:
     """A run folder holding only the config.json a fit writes (all resume reads before a fit)."""
-    record = {**DataConfig(store="/data/s.zarr").to_dict(), **FitConfig().to_dict(),
+    record = {"format": RUN_FORMAT, "fingerprint": {"content_hash": "0" * 32},
+              **DataConfig(store="/data/s.zarr").to_dict(), **FitConfig().to_dict(),
               **RunConfig(out=str(path)).to_dict(), **edits}
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(record))

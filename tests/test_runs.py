@@ -402,3 +402,69 @@ def test_a_big_endian_store_fits_like_its_native_copy(tmp_path, residency):
             Ks.append(np.asarray(scalemem.fit_source(src, 4, recipe="seed", steps=3,
                                                      residency=residency).memory.K))
     np.testing.assert_array_equal(Ks[0], Ks[1])
+
+
+# ------------------------------------- a hostile user's second round: folders, edits, moved data
+
+def test_resume_of_a_foreign_folder_says_it_is_not_a_run(tmp_path, capsys):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "config.json").write_text('{"a": 1}')
+    before = _snapshot(foreign)
+    _refused(capsys, ["fit", "--resume", str(foreign), "--quiet"], "not a run folder")
+    assert _snapshot(foreign) == before
+
+
+@pytest.mark.parametrize("fingerprint", [[], {}, "x", None])
+def test_an_edited_fingerprint_in_config_json_is_refused(finished, tmp_path, fingerprint, capsys):
+    run = shutil.copytree(finished, tmp_path / "run")
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["fingerprint"] = fingerprint  # would otherwise read as a config.json without one
+    (run / "config.json").write_text(json.dumps(cfg))
+    before = _snapshot(run)
+    _refused(capsys, ["fit", "--resume", str(run), "--steps", "5", "--quiet"], "'fingerprint'")
+    assert _snapshot(run) == before
+
+
+@pytest.mark.parametrize("name", ["model.npz", "metrics.jsonl", "config.json"])
+def test_a_folder_where_a_run_file_belongs_is_refused(finished, store, tmp_path, name, capsys):
+    run = shutil.copytree(finished, tmp_path / "run")
+    (run / name).unlink()
+    (run / name).mkdir()
+    (run / name / "keep.txt").write_text("mine")
+    for argv in (["fit", "--resume", str(run), "--steps", "5", "--quiet"],
+                 ["fit", str(store), *FIT, "--steps", "3", "--out", str(run), "--overwrite"]):
+        capsys.readouterr()
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert (run / name / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in (run / name).iterdir()) == ["keep.txt"]
+
+
+def test_a_moved_store_error_says_how_to_give_its_new_place(store, tmp_path, capsys):
+    data = shutil.copytree(store, tmp_path / "data.zarr")
+    run = tmp_path / "run"
+    _fit(data, run, 3)
+    moved = data.rename(tmp_path / "moved.zarr")
+    _refused(capsys, ["fit", "--resume", str(run), "--steps", "4", "--quiet"], "no such store",
+             f"scalemem fit STORE --resume {run}")
+    _refused(capsys, ["eval", str(run), "--quiet"], "no such store", "STORE")
+    _refused(capsys, ["predict", str(run), "--out", str(tmp_path / "p.zarr"), "--quiet"],
+             "no such store", "STORE")
+    assert cli.main(["fit", str(moved), "--resume", str(run), "--steps", "4", "--quiet"]) == 0
+    assert cli.main(["eval", str(run), str(moved), "--quiet"]) == 0
+
+
+def test_predict_refuses_nan_keys_naming_the_row(finished, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    Q = rng.standard_normal((600, 4)).astype(np.float32)
+    Q[321, 2] = np.nan
+    nan = tmp_path / "nan.h5"
+    with StoreWriter(nan, "hdf5") as w:
+        w.write_array("keys", Q)
+        w.meta.update(rows=600, splits={"all": [0, 600]}, views={"keys": "keys"})
+    out = tmp_path / "p.zarr"
+    _refused(capsys, ["predict", str(finished), str(nan), "--keys", "keys", "--out", str(out),
+                      "--quiet"], "row 321", "nan")
+    assert not out.exists()  # nothing partial left behind

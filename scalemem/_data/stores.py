@@ -130,6 +130,11 @@ class Store:
     def read_rows(self, name: str, a: int, b: int) -> np.ndarray:
         """Rows ``a … b-1`` of array ``name``. With ``missing_chunks="error"`` the chunks holding
         them are first checked to be stored (each row chunk once per open store)."""
+        if self._identity() != self._opened:  # a cache may still hold the old bytes: stop
+            raise DataError(f"{self.name}: the store was replaced or changed while it was open "
+                            f"(reading rows {a}:{b} of array {name!r}); stopped so that two "
+                            "versions of the data are never mixed: open it again (a fit: "
+                            "resume it, and it checks the data against its fingerprint)")
         try:
             arr = self.get(name)
             if self.missing_chunks == "error" and b > a:
@@ -203,6 +208,14 @@ class HDF5Store(Store):
             self._root.close()
             raise DataError(f"{path}: cannot read the root attributes ({type(e).__name__}: {e}); "
                             "the file is corrupted") from e
+
+    def _identity(self):
+        """The file's inode, size and modification time: h5py's caches would hide an edit."""
+        try:
+            st = os.stat(self.name)
+        except OSError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
 
     def _lookup(self, name):
         obj = self._root.get(name)

@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._errors import CheckpointError
+from .._config import DataConfig, FitConfig, RunConfig, check_fields
+from .._errors import CheckpointError, ConfigError
 from .model import Memory
 
 __all__ = ["save", "load", "load_with_metadata", "read_metadata", "UnsafeFileError",
@@ -214,6 +215,12 @@ def _check_meta(path: Path, raw: np.ndarray, expect: str | None) -> dict:
             raise CheckpointError(f"{path}: metadata field {key!r} is "
                                   f"{type(meta[key]).__name__} {meta[key]!r}; the file is "
                                   "damaged or not a scalemem file")
+    if isinstance(meta.get("config"), dict):  # its settings are read back (eval, resume)
+        try:
+            check_fields(meta["config"], DataConfig, FitConfig, RunConfig)
+        except ConfigError as e:
+            raise CheckpointError(f"{path}: metadata config field {e}; the file is damaged or "
+                                  "not a scalemem file") from None
     return meta
 
 
@@ -245,6 +252,9 @@ def read_npz(path: str | os.PathLike, expect: str | None = None,
                     check(meta, {n: heads[n][:3:2] for n in members})
                 arrays = {n: _read_array(zf, i, *heads[n]) for n, i in members.items()}
         _verify(path, arrays, meta.get("digests"))
+        # arrays written by other tools may be big-endian: computed on in native byte order
+        arrays = {n: a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))
+                  for n, a in arrays.items()}
     except CheckpointError:
         raise
     except _DAMAGED as e:
@@ -287,6 +297,9 @@ def save(memory: Memory, path: str | os.PathLike, metadata: Mapping | None = Non
     prototypes or with NaN/Inf is refused (:class:`~scalemem.CheckpointError`: no file is
     written, the previous one is unchanged)."""
     p = Path(path)
+    if p.is_dir() and p.suffix == ".npz":
+        raise CheckpointError(f"{p}: is a folder, not a model file; move it away or save to "
+                              "another path")
     if p.is_dir():
         p = p / MODEL_FILE
     if int(memory.K.shape[0]) < 1:

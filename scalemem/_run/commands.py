@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .._config import FitConfig, build
-from .._data import StoreWriter, open_source, write_fashion_mnist, write_synthetic
+from .._data import StoreWriter, locate_nonfinite, open_source, write_fashion_mnist, write_synthetic
 from .._engine import evaluate as evaluate_memory
 from .._engine import fit as fit_memory
 from .._engine import initialize, load_with_metadata, predict_in_chunks
@@ -92,6 +92,9 @@ def fit(cfg: dict, say) -> dict:
             raise ConfigError("out", cfg["out"], f"--resume continues the run in {resume}; "
                               "leave out --out (or give the same folder)")
         cfg["out"] = resume
+        if cfg.get("store") == saved_config(resume).get("store"):  # the recorded one
+            _recorded_store_exists(cfg.get("store"), f"the run {resume} was fitted on it: give "
+                                   f"its new place (scalemem fit STORE --resume {resume})")
     elif cfg.get("store") is None:
         raise ConfigError("store", None, "give the store to fit (scalemem fit STORE …), or "
                           "--resume RUN")
@@ -114,6 +117,12 @@ def _stdout_for_json_only() -> None:
     sys.stdout = os.fdopen(original, "w", buffering=1)
 
 
+def _recorded_store_exists(store: str | None, hint: str) -> None:
+    """Refuse a store recorded in a run or model that is no longer there, saying what to do."""
+    if store is not None and not os.path.exists(store):
+        raise DataError(f"{store}: no such store; {hint}")
+
+
 def _model(path, c):
     """The model file or run folder ``path``: ``(path, memory, metadata, its config, store,
     keys view)``, the store and keys view being ``c``'s, else the ones it was fitted on."""
@@ -121,6 +130,10 @@ def _model(path, c):
     memory, meta = load_with_metadata(path)
     mcfg = meta.get("config") or {}
     store = absolute(c.store or meta.get("store") or mcfg.get("store"))
+    if c.store is None:
+        _recorded_store_exists(store, f"{path.name} was fitted on it: give its new place "
+                               f"(scalemem {'eval' if isinstance(c, EvalConfig) else 'predict'} "
+                               f"{path} STORE …)")
     return path, memory, meta, mcfg, store, c.keys or meta.get("key_view") or mcfg.get("keys")
 
 
@@ -192,6 +205,8 @@ def predict(cfg: dict, say) -> dict:
             for s in range(0, n, chunk):
                 Q, _ = source.read(s, min(s + chunk, n))
                 p = predict_in_chunks(memory, Q, chunk, key_scale=source.key_scale)
+                if not np.isfinite(p).all():  # NaN/Inf keys (or overflow): name the row
+                    raise locate_nonfinite(source, ranges=[(s, min(s + chunk, n))])
                 pw.append(p)
                 if lw is not None:
                     lw.append(np.argmax(p, axis=1).astype(np.int32)[:, None])

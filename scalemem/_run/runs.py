@@ -91,6 +91,16 @@ def saved_config(run: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path}: cannot be read as JSON ({e})") from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: not a JSON object")
+    if obj.get("format") != RUN_FORMAT and not is_run_folder(p):
+        raise CheckpointError(f"{p}: not a run folder (its {CONFIG_FILE} was not written by "
+                              "scalemem); --resume takes the --out folder of an earlier "
+                              "`scalemem fit`")
+    fp = obj.get("fingerprint")
+    if (fp is not None or obj.get("format") == RUN_FORMAT) and not (
+            isinstance(fp, dict) and isinstance(fp.get("content_hash"), str)):
+        raise CheckpointError(f"{path}: its field 'fingerprint' is {fp!r}, not the data "
+                              "fingerprint scalemem writes; the file was edited or damaged. "
+                              "Put the original back, or start a new run")
     return obj
 
 
@@ -261,6 +271,12 @@ def _check_folder(run: Path, resume: bool, overwrite) -> list[str]:
     """Refuse a folder that is not a run (with ``resume``), or that holds files a run writes
     (a run, unless ``overwrite``; foreign files always); the names of those files."""
     is_run, used = is_run_folder(run), [n for n in RUN_NAMES if (run / n).exists()]
+    for name in used:
+        p, folder = run / name, name == CHECKPOINT_DIR
+        if (p.is_dir() if folder else p.is_file()) is False or p.is_symlink():
+            raise ConfigError("out", str(run), f"{p} is not a {'folder' if folder else 'file'}"
+                              f" (scalemem writes a {'folder' if folder else 'regular file'} "
+                              "there); move it away, or choose another --out")
     if resume and not is_run:
         raise CheckpointError(f"{run}: its {CONFIG_FILE} was not written by scalemem; --resume "
                               "takes the --out folder of a `scalemem fit`")
