@@ -155,7 +155,7 @@ def full_fit(data_dir, P, split, steps, chunk_rows, recipe="seed"):
     t0 = time.perf_counter()
     times = []
     res = scalemem.fit(Qf, Xf, P, recipe=recipe, steps=steps, chunk_rows=chunk_rows,
-                       callback=lambda r: times.append(r.seconds))
+                       callback=lambda r: r.step < r.steps and times.append(r.seconds))
     wall = time.perf_counter() - t0
 
     per_step = (times[-1] - times[1]) / max(len(times) - 2, 1) if len(times) > 2 else float("nan")

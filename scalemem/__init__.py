@@ -5,6 +5,8 @@ Public API (everything else lives in private modules and may change):
 - :func:`fit` (arrays) and :func:`fit_source` (an HDF5 file or a Zarr store), on one device or
   many, in one process or many; every setting is a field of :class:`FitConfig`, the same as
   the flags of ``scalemem fit``.
+- :func:`profiled_loss`: the loss as a differentiable function of the keys (``V`` solved
+  exactly inside), for optax (L-BFGS included) or any JAX optimiser.
 - :class:`Memory` (fitted ``K``, ``V``, logit bias and input scales, a jit-able ``predict``),
   :func:`evaluate`, :func:`save` / :func:`load` (pickle-free model files, bit for bit).
 - :func:`open_source`, :class:`ArraySource`, :func:`write_fashion_mnist`, :func:`write_synthetic`.
@@ -30,15 +32,16 @@ from ._core import (SolveInfo, Stats, chunk_grad, chunk_stats, loss_from_stats, 
                     scan_stats, solve_ridge, zero_stats)
 from ._data import ArraySource, HDF5Source, ZarrSource, open_source, write_fashion_mnist, \
     write_synthetic
-from ._engine import (FitResult, Memory, StepReport, evaluate, fit, fit_source,
+from ._engine import (FitResult, Memory, ProfiledLoss, StepReport, evaluate, fit, fit_source,
                       initialize as initialize_distributed, load, predict_in_chunks,
-                      read_metadata, save)
+                      profiled_loss, read_metadata, save)
 from ._errors import (CheckpointError, ConfigError, DataError, DownloadError, NonFiniteDataError,
                       NumericsError, NumericsWarning, ScalememError)
 
 __version__ = "0.2.0"
 
-__all__ = ["fit", "fit_source", "FitConfig", "FitResult", "StepReport", "Memory", "evaluate",
+__all__ = ["fit", "fit_source", "profiled_loss", "ProfiledLoss", "FitConfig", "FitResult",
+           "StepReport", "Memory", "evaluate",
            "save", "load", "read_metadata", "predict_in_chunks", "open_source", "ArraySource",
            "HDF5Source", "ZarrSource", "write_fashion_mnist", "write_synthetic",
            "initialize_distributed", "Stats", "SolveInfo", "chunk_stats", "scan_stats", "merge",

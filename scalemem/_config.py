@@ -21,7 +21,8 @@ from typing import Any, Mapping
 from ._errors import ConfigError
 
 __all__ = ["setting", "same", "Validated", "FitConfig", "DataConfig", "RunConfig", "RECIPES",
-           "PRECISIONS", "build", "check_value", "check_fields", "MAX_SEED", "MAX_CLASSES"]
+           "PRECISIONS", "build", "check_value", "check_fields", "val_fraction", "MAX_SEED",
+           "MAX_CLASSES"]
 
 PRECISIONS = ("highest", "tf32", "bf16")
 RESIDENCIES = ("auto", "resident", "streamed")
@@ -175,6 +176,12 @@ class FitConfig(Validated):
                                      trajectory=True, metavar="R")
     chunks_per_block: int = setting(4, "streamed: chunks per read and device transfer", lo=1,
                                     metavar="B")
+    val_every: int = setting(1, "with validation rows: evaluate them every K steps (and at the "
+                             "last)", lo=1, trajectory=True, metavar="K")
+    patience: int = setting(10, "with validation rows: stop once this many evaluations in a row "
+                            "did not improve the best validation RMSE, and keep the keys of the "
+                            "best one (0: never stop early, keep the last keys)", lo=0,
+                            trajectory=True, metavar="N")
     devices: int = setting(0, "devices to split the rows over (0: every device)", lo=0, metavar="D")
     processes: int = setting(0, "processes of a multi-process run (0: as launched; N > 1 joins N "
                              "processes through jax.distributed, coordinator from "
@@ -214,12 +221,35 @@ class DataConfig(Validated):
                                "fit60k, test10k for Fashion-MNIST; fit, test for synthetic stores) "
                                "or START:STOP (default: all rows)", trajectory=True,
                                metavar="NAME|START:STOP")
+    val_rows: str | None = setting(None, "validation rows, evaluated while fitting (never the "
+                                   "test rows): a split, START:STOP, or a fraction of the fit rows "
+                                   "taken from their end, e.g. '5%' or '0.05' (those rows are "
+                                   "then not fitted)", trajectory=True, metavar="ROWS|FRACTION")
     values_are_labels: bool = setting(False, "--values names an integer class-label array: fit its "
                                       "one-hot encoding (predictions are class probabilities; eval "
                                       "reports accuracy and log-loss)", trajectory=True)
     classes: int | None = setting(None, "number of classes with --values-are-labels (default: "
                                   "largest label + 1; at most 65536)", type=int, lo=2,
                                   hi=MAX_CLASSES, trajectory=True, metavar="C")
+
+    def _validate(self) -> None:
+        val_fraction(self.val_rows)  # a fraction must lie in (0, 1)
+
+
+def val_fraction(spec) -> float | None:
+    """The fraction a validation-rows setting names ('5%', '0.05'; the rows then come from the
+    end of the fit rows), or ``None`` for a split name or START:STOP."""
+    if not isinstance(spec, (str, float)) or isinstance(spec, str) and ":" in spec:
+        return None
+    text = spec.strip() if isinstance(spec, str) else spec
+    try:
+        f = float(text[:-1]) / 100 if isinstance(text, str) and text.endswith("%") else float(text)
+    except ValueError:
+        return None  # a split name
+    if not 0 < f < 1:
+        raise ConfigError("val_rows", spec, "a fraction of the fit rows must lie between 0 and 1 "
+                          "(e.g. '5%' or 0.05)")
+    return f
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,6 +264,9 @@ class RunConfig(Validated):
                                         "time)", lo=0.0, metavar="T")
     keep_checkpoints: int = setting(3, "how many of the newest checkpoints to keep", lo=1,
                                     metavar="N")
+    log_seconds: float = setting(10.0, "when stderr is not a terminal (a log file, a batch "
+                                 "job): seconds between plain progress lines", lo=(0.0,),
+                                 metavar="T")
     compile_cache: bool = setting(True, "keep compiled programs in a cache folder "
                                   "($SCALEMEM_CACHE_DIR, else the user cache folder) so a repeated "
                                   "or resumed run starts fast")

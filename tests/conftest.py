@@ -92,3 +92,18 @@ def _no_signal_deaths_or_tracebacks(request, monkeypatch):
         if p.returncode is not None and p.returncode < 0 and not (p.signalled or allow_signal):
             problems.append(f"{p.argv!r} died by signal {-p.returncode}")
     assert not problems, "\n".join(problems)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's compiled programs after each test module: every executable keeps memory
+    mappings of its JIT code, and the whole suite in one process would otherwise reach the
+    kernel's limit on mappings (vm.max_map_count, 65530), where LLVM fails with "Cannot
+    allocate memory" while RAM is free."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()

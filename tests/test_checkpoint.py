@@ -130,7 +130,7 @@ def test_sigkill_at_five_random_steps_then_resume_is_bit_identical(store, env, t
     assert mb["metrics"]["loss"] == ma["metrics"]["loss"]  # the whole history, exactly
     # every step logged exactly once, with the documented fields
     recs = _metrics(run)
-    assert [r["step"] for r in recs] == list(range(STEPS))
+    assert [r["step"] for r in recs] == list(range(STEPS + 1))  # K_0 … K_STEPS
     assert set(recs[0]) == {"step", "loss", "rmse", "seconds", "rows_per_s"}
     assert [r["loss"] for r in recs] == [r["loss"] for r in _metrics(ref_run)]
     # only the newest 3 checkpoints are kept; no temporary file is left behind

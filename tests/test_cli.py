@@ -225,7 +225,7 @@ def test_eval_predict_round_trip(tmp_path, store, pixel_run, capsys):
 
     rc, ev, _ = _json_run(capsys, ["eval", str(pixel_run), "--rows", "test", "--json"])
     assert rc == 0 and ev["rows"] == N - FIT_ROWS
-    assert json.loads((pixel_run / "eval.json").read_text())["rmse"] == ev["rmse"]
+    assert json.loads((pixel_run / "eval-test.json").read_text())["rmse"] == ev["rmse"]
     out = tmp_path / "pred.h5"
     rc, pr, _ = _json_run(capsys, ["predict", str(pixel_run), "--rows", "test", "--out",
                                    str(out), "--chunk-rows", "128", "--json"])
@@ -342,24 +342,42 @@ class _Terminal(io.StringIO):
 
 
 def test_progress_bar_shows_step_loss_rate_and_eta():
-    from scalemem._run.progress import ProgressBar
+    from scalemem._progress import Progress
 
     buf = _Terminal()
-    bar = ProgressBar(stream=buf)
-    for t in range(3):
+    bar = Progress(stream=buf)
+    for t in range(4):
         bar(_report(t))
     bar.close()
     line = buf.getvalue().split("\r")[-1]  # the last state, drawn on close
-    # 0.5 s per step after the first: 2000 rows/s, 7 steps left: 3.5 s
-    assert "step 3/10" in line and "loss 0.6667" in line and "2.00k rows/s" in line
-    assert "ETA 00:03" in line
+    # step t is the loss at K_t, as in metrics.jsonl; the loss shown is per row (2/4 / 1000
+    # rows); 0.5 s per step after the first: 2000 rows/s, 7 steps left: 3.5 s
+    assert "step 3/10" in line and "loss/row 0.0005" in line and "2.00k rows/s" in line, line
+    assert "ETA 00:04" in line or "ETA 00:03" in line, line
     assert buf.getvalue().endswith("\n") and "\r" in buf.getvalue()
-    quiet = io.StringIO()
-    ProgressBar(stream=quiet)(_report(0))  # StringIO is not a terminal: nothing is drawn
-    assert quiet.getvalue() == ""
     off = _Terminal()
-    ProgressBar(enabled=False, stream=off)(_report(0))  # --quiet: nothing is drawn
+    Progress(enabled=False, stream=off)(_report(0))  # --quiet: nothing is drawn
     assert off.getvalue() == ""
+
+
+def test_progress_off_a_terminal_writes_plain_lines_at_a_steady_interval():
+    """A log file gets a line at the first report, then one per interval (not per step), the
+    last state at close, and event lines; no carriage returns or bar characters."""
+    from scalemem._progress import Progress
+
+    now = [0.0]
+    log = io.StringIO()  # not a terminal
+    p = Progress(stream=log, interval=30.0, clock=lambda: now[0])
+    p.note("compiling")
+    for t in range(10):
+        now[0] = 10.0 * t  # a report every 10 s: lines at 0, 30, 60, 90 s
+        p(_report(t))
+    p.close()
+    lines = log.getvalue().splitlines()
+    assert lines[0] == "fit: compiling"
+    steps = [int(x.split()[2].split("/")[0]) for x in lines[1:]]
+    assert steps == [0, 3, 6, 9], lines
+    assert "\r" not in log.getvalue() and all("train RMSE 0.1" in x for x in lines[1:])
 
 
 def test_metrics_lines(tmp_path):

@@ -151,9 +151,12 @@ def test_overwrite_replaces_a_run(finished, store, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(finished, run)
     (run / "notes.txt").write_text("kept")
+    assert cli.main(["eval", str(run), "--rows", "0:100", "--quiet"]) == 0  # eval-0-100.json
+    assert (run / "eval-0-100.json").is_file()
     _fit(store, run, 2, "--overwrite")
     assert json.loads((run / "config.json").read_text())["steps"] == 2
     assert (run / "notes.txt").read_text() == "kept"
+    assert not (run / "eval-0-100.json").exists()  # the old run's evaluation is gone with it
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002.npz"]
 
 
@@ -298,7 +301,7 @@ def test_a_failed_metrics_append_stops_with_a_checkpoint_and_resumes(store, tmp_
     _fit(store, straight, 6)
     _same_model(straight / "model.npz", run / "model.npz")
     got, want = read_metrics(run), read_metrics(straight)
-    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(6))
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(7))  # K_0 … K_6
     assert [(r["loss"], r["rmse"]) for r in got] == [(r["loss"], r["rmse"]) for r in want]
 
 

@@ -177,7 +177,7 @@ STORE_CONFIG_CASES = {
     ("x[6]", "x", None): ("keys", "x[6]"),
     ("x", "x[2:9]", None): ("values", "x[2:9]"),
     ("x[@cols]", "x", None): ("keys", "x[@cols]"),
-    ("x[-1]", "x", None): ("keys", "x[-1]"),
+    ("x[-7]", "x", None): ("keys", "x[-7]"),  # x has 6 columns: -1 … -6
     ("x", "x", "5:5"): ("rows", "5:5"),
     ("x", "x", "0:41"): ("rows", "0:41"),
     ("x", "x", "nosuchsplit"): ("rows", "nosuchsplit"),

@@ -66,7 +66,7 @@ class LabelSource(Closable):
         except DataError as e:
             raise DataError(f"{e}; name the integer label array with --values, e.g. --values "
                             "labels") from None
-        if len(shape) != 1 and not (len(shape) == 2 and self._col < shape[1]
+        if len(shape) != 1 and not (len(shape) == 2 and -shape[1] <= self._col < shape[1]
                                     and (given or shape[1] == 1)):
             raise DataError(f"{where} has shape {shape}; labels must be a 1-D integer array "
                             "(or name one column: labels[0])")

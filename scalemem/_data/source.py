@@ -69,6 +69,7 @@ class RowRange:
     def __init__(self, source: Source, start: int, stop: int):
         self._source, self.start = source, int(start)
         self.rows = int(stop) - int(start)
+        self.row_offset = int(getattr(source, "row_offset", 0) or 0) + self.start  # in the store
         for f in ("name", "key_dim", "value_dim", "key_dtype", "value_dtype", "key_scale",
                   "value_scale"):
             setattr(self, f, getattr(source, f))

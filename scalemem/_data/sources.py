@@ -14,7 +14,7 @@ from .._errors import ConfigError, DataError
 from .._validate import data_error
 from .source import Closable, Source
 from .stores import DictStore, HDF5Store, Store, ZarrStore, check_missing_chunks, store_format
-from .views import View, parse_view, row_range
+from .views import View, columns_from_end, parse_view, row_range
 
 __all__ = ["ArraySource", "HDF5Source", "ZarrSource", "open_source", "aligned_empty",
            "is_aligned"]
@@ -53,7 +53,7 @@ def resolve(store: Store, view: View, field: str) -> Resolved:
 def _columns(store: Store, view: View, n: int, field: str, where: str) -> slice | np.ndarray:
     """The columns ``view`` selects of its array's ``n``: a slice when it is one slice."""
     parts: list[np.ndarray] = []
-    for item in view.columns:
+    for item in columns_from_end(view, n, field, where):  # -1: the last column
         if isinstance(item, str):
             parts.append(_index_array(store, item, n, field, view))
         elif isinstance(item, slice):

@@ -2,9 +2,13 @@
 rules: docs/design.md, "Stores, views and rows"::
 
     SPEC    := NAME [ "[" COLUMNS "]" ] [ SCALE ]       e.g. pixels[@key_columns]/255
+    NAME    := ["/"] SEGMENT ("/" SEGMENT)*     e.g. pixels, group/pixels, /group/pixels
     COLUMNS := ITEM ("," ITEM)*     ITEM := INT | [INT] ":" [INT] [":" INT] | "@" NAME
     SCALE   := "/" NUMBER | "*" NUMBER
 
+A NAME is an array's path in the store (an array inside groups of an HDF5 file or a Zarr store,
+as h5py writes it; a leading "/" is the root and is dropped). A negative column counts from the
+end, as in NumPy (``x[-1]``, ``x[-3:]``, ``x[:-2]``); a slice's step is positive.
 Rows are ``None`` (all), a split recorded in the store, ``"START:STOP"`` or ``(START, STOP)``.
 A malformed spec, a column or row outside the array or an unknown split is a
 :class:`~scalemem.ConfigError` whose ``field`` is ``keys``, ``values`` or ``rows``."""
@@ -19,7 +23,7 @@ import numpy as np
 
 from .._errors import ConfigError, DataError
 
-__all__ = ["View", "parse_view", "row_range", "INT_RE"]
+__all__ = ["View", "parse_view", "columns_from_end", "row_range", "INT_RE"]
 
 # Possessive quantifiers (*+, ?+, ++) never give back what they matched, and no two of them can
 # match the same text, so a match is one left-to-right pass: linear in the length of the spec
@@ -27,10 +31,10 @@ __all__ = ["View", "parse_view", "row_range", "INT_RE"]
 _SEGMENT = r"[A-Za-z_][\w.\-]*+"
 _NAME = rf"{_SEGMENT}(?:/{_SEGMENT})*+"
 _NUMBER = r"[+-]?+(?:\d++(?:\.\d*+)?+|\.\d++)(?:[eE][+-]?+\d++)?+"
-_SPEC_RE = re.compile(rf"(?P<name>{_NAME})\s*+(?:\[(?P<cols>[^\]]*+)\])?+\s*+"
+_SPEC_RE = re.compile(rf"/?+(?P<name>{_NAME})\s*+(?:\[(?P<cols>[^\]]*+)\])?+\s*+"
                       rf"(?:(?P<op>[*/])\s*+(?P<num>{_NUMBER}))?+")
 INT_RE = re.compile(r"^\s*+[+-]?+\d++\s*+$")
-_REF_RE = re.compile(rf"\s*+@\s*+(?P<name>{_NAME})\s*+")
+_REF_RE = re.compile(rf"\s*+@\s*+/?+(?P<name>{_NAME})\s*+")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,8 +74,8 @@ def parse_view(spec: str | View, field: str = "view") -> View:
     m = _SPEC_RE.fullmatch(spec.strip())
     if m is None:
         raise ConfigError(field, spec, "not a view spec; expected NAME, NAME[COLUMNS] and an "
-                          "optional scale, e.g. 'pixels', 'pixels[0:78]', 'pixels[3,17,40]', "
-                          "'pixels[@key_columns]/255'")
+                          "optional scale, e.g. 'pixels', 'pixels[0:78]', 'pixels[3,17,-1]', "
+                          "'/group/pixels[-10:]', 'pixels[@key_columns]/255'")
     cols = None
     if m.group("cols") is not None:
         items: list[int | slice | str] = []
@@ -83,8 +87,6 @@ def parse_view(spec: str | View, field: str = "view") -> View:
             if len(parts) > 3:
                 raise ConfigError(field, spec, f"column slice {raw.strip()!r} has too many ':'")
             nums = [_int(p, field, spec) if p.strip() else None for p in parts]
-            if any(x is not None and x < 0 for x in nums[:2]):
-                raise ConfigError(field, spec, "column indices must be non-negative")
             if len(nums) == 3 and nums[2] is not None and nums[2] <= 0:
                 raise ConfigError(field, spec, "a column slice step must be positive")
             items.append(ref.group("name") if ref else nums[0] if len(nums) == 1 else slice(*nums))
@@ -99,6 +101,31 @@ def parse_view(spec: str | View, field: str = "view") -> View:
         if not np.isfinite(scale) or scale == 0.0:
             raise ConfigError(field, spec, "the scale must be finite and non-zero")
     return View(m.group("name"), cols, scale, spec.strip())
+
+
+def columns_from_end(view: View, n: int, field: str, where: str) -> tuple[int | slice | str, ...]:
+    """``view.columns`` for an array of ``n`` columns with negative indices counted from the
+    end, as in NumPy (``-1``: the last column). An index before the first column is a
+    :class:`~scalemem.ConfigError` naming the spec; index arrays (``str``) are left as they are."""
+
+    def absolute(index: int | None, text: str) -> int | None:
+        if index is None or index >= 0:
+            return index
+        if index < -n:
+            raise ConfigError(field, view.text, f"{text} is outside the {n} columns of {where} "
+                              f"(a negative column counts from the end: -1 to -{n})")
+        return index + n
+
+    out: list[int | slice | str] = []
+    for item in view.columns or ():
+        if isinstance(item, slice):
+            text = "column slice " + ":".join("" if e is None else str(e)
+                                              for e in (item.start, item.stop))
+            item = slice(absolute(item.start, text), absolute(item.stop, text), item.step)
+        elif isinstance(item, int):
+            item = absolute(item, f"column {item}")
+        out.append(item)
+    return tuple(out)
 
 
 def row_range(rows, total: int, splits: Mapping, where: str) -> tuple[int, int, str]:

@@ -20,10 +20,22 @@ from .._data import ChunkStream, RowRange, locate_nonfinite
 from . import programs as prog
 from .mesh import assemble, local_row_ranges, mesh_devices, row_ranges
 
-__all__ = ["ResidentEngine", "StreamedEngine", "memory_budget"]
+__all__ = ["ResidentEngine", "StreamedEngine", "memory_budget", "bucket_rows"]
 
 _MAX_INFLIGHT = 2  # streamed block computations dispatched ahead of the oldest unfinished one
 _READ_ROWS = 1 << 16  # rows per read while loading resident rows
+
+
+def bucket_rows(rows: int) -> int:
+    """``rows`` rounded up to a multiple of ``2^max(3, b-6)``, ``b`` its bit length: fewer than
+    1/32 more rows (at most 7 below 512 rows), 32 sizes an octave. Arrays laid out for the
+    bucket instead of the exact count give nearby row counts one compiled program (the folds of
+    a cross-validation differ by a row: 6666 and 6667 both become 6784); the extra rows are
+    padding of weight 0. Two neighbouring counts still differ when a multiple of the step lies
+    between them (e.g. 6784 and 6785), as they must under any rounding."""
+    rows = int(rows)
+    step = 1 << max(3, rows.bit_length() - 6)
+    return -(-rows // step) * step
 
 
 def memory_budget(device) -> int:
@@ -41,15 +53,19 @@ def memory_budget(device) -> int:
 
 
 class _Engine:
-    """What both engines share: the row split over the mesh and the error locator."""
+    """What both engines share: the row split over the mesh and the error locator.
+    ``per_device`` is the longest device range, rounded by :func:`bucket_rows` with ``bucket``."""
 
-    def __init__(self, source, spec: prog.Spec, ridge: float, chunk_rows: int):
+    def __init__(self, source, spec: prog.Spec, ridge: float, chunk_rows: int,
+                 bucket: bool = False):
         self.source, self.spec = source, spec
         self.rows = int(source.rows)
         self.key_dim, self.value_dim = int(source.key_dim), int(source.value_dim)
         self.ridge = jnp.asarray(ridge, jnp.float64)
         self.ranges = row_ranges(self.rows, len(mesh_devices(spec.mesh)))
         self.per_device = max(e - s for s, e in self.ranges)
+        if bucket:
+            self.per_device = bucket_rows(self.per_device)
         self.chunk_rows = min(_core.balanced_chunk(self.per_device, chunk_rows), self.per_device)
         self._local = local_row_ranges(self.rows, spec.mesh)
 
@@ -73,10 +89,12 @@ def _prepare(X, w, *, value_scale, dtype, stack):
 class ResidentEngine(_Engine):
     """Every row on the devices: chunks of ``chunk_rows`` (balanced, the last one shorter),
     unrolled up to :data:`~.programs.UNROLL_CHUNKS` chunks a device, else one scanned stack
-    plus the rest. Devices whose range is one row short carry a padding row of weight 0."""
+    plus the rest. Every device holds :func:`bucket_rows` of the longest range's rows, those past
+    its own range padding of weight 0, so fits of nearby row counts (cross-validation folds)
+    share their compiled programs, at the cost of under 1/32 more rows."""
 
     def __init__(self, source, spec: prog.Spec, *, ridge: float, chunk_rows: int, dtype):
-        super().__init__(source, spec, ridge, chunk_rows)
+        super().__init__(source, spec, ridge, chunk_rows, bucket=True)
         c, per = self.chunk_rows, self.per_device
         nb, r = divmod(per, c)  # layout: (start, stop, chunks of a stack or 0 for one chunk)
         if nb + (r > 0) <= prog.UNROLL_CHUNKS:

@@ -19,7 +19,8 @@ from .._core import F64, StepOut, apply_gradient, solve_and_loss
 from .mesh import smap
 
 __all__ = ["UNROLL_CHUNKS", "OptimSpec", "Spec", "Part", "fold_stats", "fold_grad",
-           "resident_step", "resident_final", "stream_zeros", "stream_block", "stream_reduce",
+           "resident_step", "resident_final", "resident_grad", "stream_zeros", "stream_block",
+           "stream_reduce",
            "solve", "apply_update", "init_state", "LrFactor"]
 
 # Resident passes unroll at most this many chunks per device (else one scanned stack plus the
@@ -163,6 +164,15 @@ def resident_final(K, ridge, parts, *, spec: Spec) -> StepOut:
     """Statistics and solve at ``K`` (no update)."""
     local = functools.partial(_resident_solved, spec=spec)
     return smap(spec.mesh, local, (P(), P(), P(spec.axis)), P())(K, ridge, parts)
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def resident_grad(K, V, parts, *, spec: Spec):
+    """The variable-projection gradient ``∂K`` at ``(K, V)`` (float64; the gradient pass)."""
+    def local(K, V, parts):
+        return jax.lax.psum(fold_grad(K, V, parts, jnp.zeros(K.shape, F64), spec), spec.axis)
+
+    return smap(spec.mesh, local, (P(), P(), P(spec.axis)), P())(K, V, parts)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "n", "what"))

@@ -106,6 +106,13 @@ class Checkpoint:
     loss: list[float]
     rmse: list[float]
     meta: dict
+    K_best: np.ndarray | None = None  # with validation: the keys of the best evaluation
+
+    @property
+    def validation(self) -> dict | None:
+        """The validation state to resume (history, best step, evaluations since, best keys)."""
+        v = self.meta.get("validation")
+        return None if v is None else {**v, "best_K": self.K_best}
 
 
 def restore_opt_state(ckpt: Checkpoint, template):
@@ -157,6 +164,11 @@ class CheckpointManager:
         arrays = {"K": np.asarray(state.K), "loss": np.asarray(state.loss, np.float64),
                   "rmse": np.asarray(state.rmse, np.float64),
                   **{f"opt_{i:03d}": leaf for i, leaf in enumerate(leaves)}}
+        val = getattr(state, "validation", None)
+        if val is not None:
+            if val["best_K"] is not None:
+                arrays["K_best"] = np.asarray(val["best_K"])
+            meta = {**dict(meta), "validation": {k: v for k, v in val.items() if k != "best_K"}}
         full = {"format": CHECKPOINT_FORMAT, "version": FORMAT_VERSION, **dict(meta),
                 "step": int(state.step), "opt_treedef": str(treedef),
                 "opt_leaves": [{"shape": list(a.shape), "dtype": a.dtype.str} for a in leaves]}
@@ -183,7 +195,7 @@ class CheckpointManager:
         leaves = [arrays[f"opt_{i:03d}"] for i in range(len(meta["opt_leaves"]))]
         return Checkpoint(path, meta["step"], arrays["K"], leaves,
                           [float(x) for x in arrays["loss"]], [float(x) for x in arrays["rmse"]],
-                          meta)
+                          meta, arrays.get("K_best"))
 
     def latest(self, warn: bool = True) -> Checkpoint | None:
         """The newest loadable checkpoint, or ``None`` when there is none. Damaged ones are
@@ -221,7 +233,20 @@ def _check_arrays(path: Path, meta: dict, heads: dict) -> None:
     except (TypeError, KeyError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{path}: incomplete checkpoint metadata ({e}); it cannot be "
                               "resumed") from e
-    got = {n: h for n, h in heads.items() if n != "K"}
+    val = meta.get("validation")
+    if val is not None:
+        ok = (isinstance(val, dict) and isinstance(val.get("history"), list)
+              and isinstance(val.get("bad"), int) and all(
+                  isinstance(h, dict) and isinstance(h.get("step"), int)
+                  and isinstance(h.get("rmse"), float) for h in val["history"])
+              and (val.get("best_step") is None) == (not val["history"]))
+        if not ok:
+            raise CheckpointError(f"{path}: malformed validation state {val!r}; it cannot be "
+                                  "resumed")
+    got = {n: h for n, h in heads.items() if n not in ("K", "K_best")}
+    if val is not None and val["best_step"] is not None and heads.get("K_best") != heads.get("K"):
+        raise CheckpointError(f"{path}: its best validated keys are {heads.get('K_best')}, its "
+                              f"keys {heads.get('K')}; the checkpoint is inconsistent")
     if "K" not in heads or got != want:
         raise CheckpointError(f"{path}: holds arrays {heads}, its metadata says K and {want}; "
                               "the checkpoint is inconsistent and cannot be resumed")

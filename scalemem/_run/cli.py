@@ -120,14 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = _Parser(
         prog="scalemem", formatter_class=fmt, allow_abbrev=False,  # a typo is an error
-        description="Fit differentiable memory (attention as a lossy key-value store) to data "
+        description="Fit differentiable memory (attention as a lossy key-value store) to data\n"
         "of any size.\n\nTypical session:\n"
         "  scalemem data fashion-mnist --from DIR --out fm.zarr\n"
         "  scalemem fit fm.zarr --rows fit60k --prototypes 256 --out runs/p256\n"
         "  scalemem eval runs/p256 --rows test10k --plots\n"
         "  scalemem predict runs/p256 fm.zarr --rows test10k --out pred.zarr",
-        epilog="Settings: defaults < the resumed run's config.json < --config FILE (TOML) < "
-        "command-line flags. Exit status: 0 done, 2 error.")
+        epilog="Settings: defaults < the resumed run's config.json < --config FILE (TOML) <\n"
+        "command-line flags. Exit status: 0 done, 2 error. The settings of a command:\n"
+        "scalemem COMMAND --help.")
     parser.add_argument("--version", action="version", version=f"scalemem {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     data = sub.add_parser("data", help="write a store (Zarr or HDF5) to fit from",
@@ -138,9 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     for cmd in COMMANDS:
         parent, name = (dsub, cmd.key.split()[1]) if cmd.key.startswith("data ") else (
             sub, cmd.key)
+        # a command's description and epilog are prose: wrapped to the terminal's width
         _add_options(parent.add_parser(name, help=cmd.help, description=cmd.description,
-                                       epilog=cmd.epilog or None, formatter_class=fmt,
-                                       allow_abbrev=False), cmd)
+                                       epilog=cmd.epilog or None, allow_abbrev=False), cmd)
     return parser
 
 

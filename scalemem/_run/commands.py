@@ -11,20 +11,22 @@ from pathlib import Path
 
 import numpy as np
 
-from .._config import FitConfig, build
+from .._config import FitConfig, build, val_fraction
 from .._data import StoreWriter, locate_nonfinite, open_source, write_fashion_mnist, write_synthetic
 from .._engine import evaluate as evaluate_memory
 from .._engine import fit as fit_memory
 from .._engine import initialize, load_with_metadata, predict_in_chunks
-from .._errors import ConfigError, DataError
+from .._engine.modelio import MODEL_FILE
+from .._errors import ConfigError, DataError, ScalememError
 from ..datasets import fashion_mnist
 from .options import (EvalConfig, FashionMNISTConfig, PredictConfig, ReproduceConfig,
                       SyntheticConfig)
-from .plots import eval_plots, plot_rmse_vs_prototypes
-from .runs import EVAL_FILE, absolute, fit_run, open_data, saved_config, write_json
+from .plots import eval_file_name, eval_plots, fit_settings, reproduce_plot
+from .runs import (absolute, default_out, fit_run, is_run_folder, open_data, saved_config,
+                   write_json)
 
 __all__ = ["data_fmnist", "data_synthetic", "fit", "evaluate", "predict", "reproduce",
-           "SEED_TABLE"]
+           "SEED_TABLE", "SEED_STEPS"]
 
 
 def _store_format(out, fmt):
@@ -142,10 +144,12 @@ def evaluate(cfg: dict, say) -> dict:
 
     Evaluate a model on a store: RMSE per value entry and the row count (with labels also
     accuracy and log-loss, probabilities clipped to [1e-7, 1] and renormalised). Writes
-    RUN/eval.json."""
+    RUN/eval-ROWS.json (one file per row selection: eval-test10k.json, eval-0-5000.json) and
+    warns when the rows overlap the rows the model was fitted on."""
     c = build(EvalConfig, cfg)
     _need(c.run, "run", "RUN", "the run folder or model file to evaluate")
     path, memory, meta, mcfg, store, keys = _model(c.run, c)
+    run = _run_folder(path)
     labels = bool(c.values_are_labels or mcfg.get("values_are_labels"))
     # a label model's value view is its one-hot encoding: the label array comes from its config
     values = c.values or (None if labels else meta.get("value_view")) or mcfg.get("values")
@@ -164,16 +168,85 @@ def evaluate(cfg: dict, say) -> dict:
                        classes=memory.value_dim)
         res.update(seconds=time.perf_counter() - t0, model=str(path), store=store,
                    keys=source.key_view, values=values if labels else source.value_view,
-                   split=source.split, prototypes=memory.prototypes)
+                   split=source.split, prototypes=memory.prototypes, fit=fit_settings(mcfg))
+        overlap = _fit_rows_overlap(source, store, meta, mcfg)
+        if overlap is not None:  # printed even with --quiet: the number above misleads
+            res.update(overlap)
+            print(f"scalemem eval: warning: {overlap['warning']}", file=sys.stderr, flush=True)
         if c.plots:
-            res["plots"] = eval_plots(path if path.is_dir() else path.parent, memory, meta,
-                                      source, res, labels, say=say)
-        if path.is_dir():
-            write_json(path / EVAL_FILE, res)
+            folder = run or path.with_name(f"{path.stem}-plots")
+            _plots_folder(folder)
+            res["plots"] = eval_plots(folder, memory, meta, source, res, labels, say=say)
+    if run is not None:
+        res["eval_file"] = str(run / eval_file_name(res["split"]))
+        write_json(run / eval_file_name(res["split"]), res)
     what = (f"accuracy {res['accuracy']:.4f}, log-loss {res['log_loss']:.4f} "
             f"({res['log_loss_note']}), " if labels else "")
     say(f"{res['split']} of {store}: {what}RMSE {res['rmse']:.6f} over {res['rows']} rows")
+    if c.plots:
+        say(f"pictures in {folder}: {', '.join(Path(p).name for p in res['plots'])}")
     return res
+
+
+def _run_folder(path: Path) -> Path | None:
+    """The run folder of a model: ``path`` itself, or the folder of a run's ``model.npz``."""
+    if path.is_dir():
+        return path
+    return path.parent if path.name == MODEL_FILE and is_run_folder(path.parent) else None
+
+
+def _plots_folder(folder: Path) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError("plots", True, f"{folder} is a file; the pictures of a model file go "
+                          "into a folder of that name: move the file away")
+    try:
+        folder.mkdir(exist_ok=True)
+    except OSError as e:
+        raise ConfigError("plots", True, f"cannot make {folder} for the pictures "
+                          f"({e.strerror or e})") from None
+
+
+def _resolve_rows(store, source, rows) -> tuple[int, int, str]:
+    """``(start, stop, label)`` of the row selection ``rows`` of ``store`` (its splits)."""
+    with open_source(store, keys=source.key_view, values=source.key_view, rows=rows) as s:
+        return int(s.row_offset), int(s.row_offset + s.rows), s.split
+
+
+def _fit_rows_overlap(source, store, meta, mcfg) -> dict | None:
+    """``{"fit_rows_overlap": n, "val_rows_overlap": n, "warning": text}`` when rows of
+    ``source`` are rows its model was fitted on, or its validation rows (which chose the kept
+    model), in the same store; ``None`` when none are, or when the model does not record its
+    rows (a model file of scalemem 0.1) or they no longer resolve in the store."""
+    fit_store = absolute(mcfg.get("store") or meta.get("store"))
+    if "rows" not in mcfg or fit_store is None or store is None or (
+            Path(fit_store).resolve() != Path(store).resolve()):
+        return None
+    spec = mcfg.get("val_rows")
+    try:
+        a, b, name = _resolve_rows(store, source, mcfg["rows"])
+        frac = val_fraction(spec)
+        if frac is not None:  # the validation rows were the last ones of the fit rows
+            k = max(1, round((b - a) * frac))
+            val, b = (b - k, b, f"the last {spec} of {name}"), b - k
+        else:
+            val = None if spec is None else _resolve_rows(store, source, spec)
+    except ScalememError:
+        return None
+    c, d = int(source.row_offset), int(source.row_offset + source.rows)
+    n_fit = max(0, min(b, d) - max(a, c))
+    n_val = 0 if val is None else max(0, min(val[1], d) - max(val[0], c))
+    if not n_fit and not n_val:
+        return None
+    rows = source.split if source.split == f"{c}:{d}" else f"{source.split} ({c}:{d})"
+    why = []
+    if n_fit:
+        why.append(f"{n_fit:,} are rows the model was fitted on ({name}, {a}:{b})")
+    if n_val:
+        why.append(f"{n_val:,} are the validation rows that chose the kept model ({val[2]}, "
+                   f"{val[0]}:{val[1]})")
+    return {"fit_rows_overlap": n_fit, "val_rows_overlap": n_val,
+            "warning": f"of the {d - c:,} evaluated rows {rows} of {store}, "
+                       f"{' and '.join(why)}: this is not a test error"}
 
 
 def predict(cfg: dict, say) -> dict:
@@ -232,7 +305,9 @@ def _apart(out: Path, store: str, model: Path) -> None:
                               "predictions go to a new store: choose another --out")
 
 
-# Test RMSE the article published for its prototype (fit 10,000 rows, test 60,000).
+# Test RMSE the article published for its prototype (fit 10,000 rows, test 60,000), after
+# SEED_STEPS steps of Adam.
+SEED_STEPS = 1000
 SEED_TABLE = {2: 0.248782, 4: 0.204451, 8: 0.173010, 16: 0.153833, 32: 0.139799, 64: 0.128507,
               128: 0.121859, 256: 0.119588}
 
@@ -248,7 +323,7 @@ def reproduce(cfg: dict, say) -> dict:
     _need(c.data_dir, "data_dir", "--data-dir DIR", "the folder with the Fashion-MNIST IDX files")
     fitc = build(FitConfig, {**cfg, "prototypes": 1})  # validated once; P comes per fit
     settings = {k: v for k, v in fitc.to_dict().items() if k != "prototypes"}
-    data_dir, out = Path(c.data_dir), Path(c.out)
+    data_dir, out = Path(c.data_dir), Path(c.out or default_out("reproduce"))
     if c.download:
         fashion_mnist.download(data_dir)
     test = c.test_split or {"fit10k": "test60k", "fit60k": "test10k"}[c.fit_split]
@@ -275,7 +350,10 @@ def reproduce(cfg: dict, say) -> dict:
     (out / "table.json").write_text(json.dumps(table, indent=2) + "\n")
     (out / "loss.json").write_text(json.dumps(losses) + "\n")
     if c.plot:
-        ref = SEED_TABLE if c.fit_split == "fit10k" else None
-        table["plot"] = str(plot_rmse_vs_prototypes(rows, out / "rmse_vs_prototypes.png", ref))
+        article = (c.fit_split, test) == ("fit10k", "test60k")  # the article's table's split
+        table["plot"] = str(reproduce_plot(
+            rows, out / "rmse_vs_prototypes.png", steps=fitc.steps, recipe=fitc.recipe,
+            fit_split=c.fit_split, test_split=test, reference=SEED_TABLE if article else None,
+            reference_steps=SEED_STEPS))
     say(f"wrote {out / 'table.json'}")
     return table

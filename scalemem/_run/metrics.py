@@ -1,6 +1,7 @@
 """Training metrics as JSON lines, ``RUN/metrics.jsonl``: one object per step, ``{"step": t,
-"loss": …, "rmse": …, "seconds": …, "rows_per_s": …}`` (fields and resume: docs/design.md,
-"Metrics and progress")."""
+"loss": …, "rmse": …, "seconds": …, "rows_per_s": …}`` for t = 0 … steps (the loss at K_t), with
+``val_rmse`` (``val_accuracy``, ``val_log_loss``) where validation ran (fields and resume:
+docs/design.md, "Metrics and progress")."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from pathlib import Path
 
 from .._engine.modelio import atomic_write
 from .._errors import CheckpointError
+from .._progress import StepRate
 
-__all__ = ["MetricsWriter", "StepRate", "read_metrics", "truncate_metrics", "METRICS_FILE"]
+__all__ = ["MetricsWriter", "read_metrics", "truncate_metrics", "METRICS_FILE"]
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -76,23 +78,6 @@ def truncate_metrics(path: str | os.PathLike, step: int, history=None) -> list[d
     return kept
 
 
-class StepRate:
-    """Called with each :class:`scalemem.StepReport` of a session: ``(seconds per step, rows per
-    second or None)``, measured over the reports after the session's first, so the compile time
-    of its first step does not count (for the first report, over its own time)."""
-
-    def __init__(self):
-        self._first: tuple[int, float] | None = None  # (steps done, seconds) at the first report
-
-    def __call__(self, report) -> tuple[float, float | None]:
-        done = report.step + 1
-        if self._first is None:
-            self._first = (done, report.seconds)
-        d0, t0 = self._first
-        per_step = (report.seconds - t0) / (done - d0) if done > d0 else report.seconds
-        return per_step, (report.rows / per_step if per_step > 0 else None)
-
-
 class MetricsWriter(contextlib.AbstractContextManager):
     """Appends one JSON line per :class:`scalemem.StepReport` (use as the fit ``callback``);
     ``seconds_offset`` is the wall time of earlier sessions of the same run. A failed write (a
@@ -112,6 +97,8 @@ class MetricsWriter(contextlib.AbstractContextManager):
         rec = {"step": int(report.step), "loss": float(report.loss), "rmse": float(report.rmse),
                "seconds": round(self.seconds_offset + float(report.seconds), 6),
                "rows_per_s": None if rows_per_s is None else float(rows_per_s)}
+        for k, v in (getattr(report, "val", None) or {}).items():  # validation at this step
+            rec[f"val_{k}"] = float(v)
         data = (json.dumps(rec) + "\n").encode()
         try:  # unbuffered: each record reaches the file (or fails) here, never at close
             while data:

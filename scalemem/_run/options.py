@@ -45,9 +45,12 @@ class EvalConfig(Validated):
     rows: str | None = same(DataConfig, "rows")
     values_are_labels: bool = same(DataConfig, "values_are_labels")
     chunk_rows: int = setting(8192, "rows per evaluated chunk", lo=1, metavar="R")
-    plots: bool = setting(False, "write pictures to the run folder: loss curve, RMSE against P "
-                          "(with the sibling runs evaluated on the same rows) and, for 784-column "
-                          "values, a grid of original / key pixels / prediction (needs matplotlib)")
+    plots: bool = setting(False, "write pictures to the run folder (for a model file, to the "
+                          "folder MODEL-plots beside it): training and validation curves, RMSE "
+                          "against P (one line per group of sibling runs with the same fit "
+                          "settings, evaluated on the same rows), and a grid of original / key "
+                          "pixels / prediction for 784-column values or a confusion matrix for "
+                          "a label model (needs matplotlib)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +104,8 @@ class SyntheticConfig(Validated):
 @dataclasses.dataclass(frozen=True)
 class ReproduceConfig(Validated):
     data_dir: str | None = same(FashionMNISTConfig, "from_dir", flag=None)
-    out: str = setting("runs/reproduce", "output folder", metavar="OUT")
+    out: str | None = setting(None, "output folder (default: runs/reproduce-DATE-TIME, as fit's "
+                              "runs/fit-DATE-TIME)", metavar="OUT")
     download: bool = same(FashionMNISTConfig, "download", help="download the official files into "
                           "--data-dir first (needs internet; checked against the official md5)")
     prototypes: list | None = setting(None, "comma-separated P values (default: "
@@ -111,5 +115,6 @@ class ReproduceConfig(Validated):
     test_split: str | None = setting(None, "rows to test: test60k or test10k (default: the "
                                      "complement of --fit-split)", choices=("test60k", "test10k"),
                                      metavar="NAME")
-    plot: bool = setting(True, "write the PNG of RMSE against P")
+    plot: bool = setting(True, "write the PNG of RMSE against P (beside the article's table, "
+                         "each line saying how many steps it ran)")
     recipe: str = same(FitConfig, "recipe", default="seed")
