@@ -22,8 +22,8 @@ from . import distributed
 from .engines import ResidentEngine, StreamedEngine, memory_budget
 from .init import data_keys, key_sample, key_spread, normal_keys
 from .loop import LoopState, StepReport, Validation, fit_engine
-from .mesh import host, local_row_ranges, make_mesh, platform, replicate, resolve_precision
-from .model import Memory, evaluate
+from .mesh import local_row_ranges, make_mesh, platform, replicate, resolve_precision
+from .model import Memory, evaluate, memory_at
 from .programs import OptimSpec, Spec, init_state
 
 __all__ = ["FitResult", "build_engine", "fit_data", "fit", "fit_source", "choose_residency",
@@ -123,10 +123,7 @@ def _validation(val, cfg: FitConfig, m: int, n: int, labels: bool) -> Validation
                           f"{m} and {n}")
 
     def at(K, V) -> dict:
-        K = host(K)
-        memory = Memory(K=K[:, :m], V=np.asarray(host(V), K.dtype),
-                        bias=K[:, m] if cfg.key_bias else None)
-        r = evaluate(memory, val, labels=labels)
+        r = evaluate(memory_at(K, V, m, cfg.key_bias), val, labels=labels)
         return {k: r[k] for k in ("rmse", "accuracy", "log_loss") if k in r}
 
     return Validation(at, cfg.val_every, cfg.patience)
@@ -201,10 +198,8 @@ def fit_data(source, config: FitConfig, *, optimizer: optax.GradientTransformati
                                                       mesh)
         res = fit_engine(engine, K0, spec.transformation(), steps=cfg.steps, opt_state=state,
                          callback=callback, **loop)
-        K = jnp.asarray(host(res.K))
-        V = jnp.asarray(host(res.V), K.dtype)
-    memory = Memory(K=K[:, :m], V=V, bias=K[:, m] if cfg.key_bias else None,
-                    key_scale=source.key_scale, value_scale=source.value_scale)
+        memory = memory_at(res.K, res.V, m, cfg.key_bias, source.key_scale,
+                           source.value_scale)
     return FitResult(memory, res.loss, res.rmse, res.opt_state, res.seconds, res.solve_events,
                      cfg, engine.residency, res.best_step, res.validation, res.stopped_early,
                      rows, res.state)

@@ -16,8 +16,9 @@ from .._data import ArraySource, ChunkStream, check_source, locate_nonfinite
 from .._errors import DataError
 from .._validate import check_int, check_pair, check_scale
 from .engines import bucket_rows
+from .mesh import host
 
-__all__ = ["Memory", "attention", "predict_array", "predict_in_chunks", "evaluate", "PROB_FLOOR"]
+__all__ = ["Memory", "memory_at", "attention", "predict_array", "predict_in_chunks", "evaluate", "PROB_FLOOR"]
 
 PROB_FLOOR = 1e-7  # log-loss: probabilities are clipped to [PROB_FLOOR, 1] and renormalised
 
@@ -87,6 +88,16 @@ class Memory:
                 f"{self.value_dim}, dtype={self.K.dtype}, bias="
                 f"{'yes' if self.bias is not None else 'no'}, key_scale={self.key_scale!r}, "
                 f"value_scale={self.value_scale!r})")
+
+
+def memory_at(K, V, key_dim: int, key_bias: bool, key_scale=None, value_scale=None) -> Memory:
+    """The :class:`Memory` of a fit's key rows ``K`` (their last column the logit bias when
+    ``key_bias``) and values ``V`` (host copies; ``V`` in ``K``'s dtype)."""
+    K = np.asarray(host(K))
+    V = np.asarray(host(V), K.dtype)
+    return Memory(K=jnp.asarray(K[:, :key_dim]), V=jnp.asarray(V),
+                  bias=jnp.asarray(K[:, key_dim]) if key_bias else None,
+                  key_scale=key_scale, value_scale=value_scale)
 
 
 @functools.partial(jax.jit, static_argnames=("key_scale",))

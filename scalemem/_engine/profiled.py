@@ -18,8 +18,8 @@ from .._data import ArraySource, check_source
 from .._validate import check_pair, check_scale
 from . import programs as prog
 from .fitting import build_engine
-from .mesh import host, replicate
-from .model import Memory
+from .mesh import replicate
+from .model import Memory, memory_at
 
 __all__ = ["ProfiledLoss", "profiled_loss"]
 
@@ -104,11 +104,7 @@ class ProfiledLoss:
             K = self._keys(K)
             self._count("stats")
             V = prog.resident_final(K, self.engine.ridge, self.engine.parts, spec=self.spec).V
-            K, V = host(K), host(V).astype(self.dtype)
-        m = self.key_dim
-        return Memory(K=jnp.asarray(K[:, :m]), V=jnp.asarray(V),
-                      bias=jnp.asarray(K[:, m]) if self.key_bias else None,
-                      key_scale=self._scales[0], value_scale=self._scales[1])
+            return memory_at(K, V, self.key_dim, self.key_bias, *self._scales)
 
 
 def profiled_loss(Q, X=None, prototypes: int | None = None, *, key_scale=None, value_scale=None,
