@@ -91,7 +91,9 @@ def run_prototype(Qf, Xf, Qt, Xt, P, steps, every, target):
 
 def run_scalemem(Qf, Xf, Qt, Xt, P, every, target, **settings):
     """``scalemem.fit(Qf, Xf, P, **settings)``, its test RMSE every ``every`` steps (and at the
-    end), the clock stopped while evaluating."""
+    end), the clock stopped while evaluating; with the passes over the fit rows each point
+    cost (initial keys included): those spent when the step before it ended, plus the statistics
+    pass of its keys for Adam (an L-BFGS line search has already made it: its accepted trial)."""
     # V at the keys handed over: the statistics pass and solve of a resident engine of the fit
     # rows. Its optimiser is a transformation of its own, so its programs (Spec hashed by the
     # optimiser's identity) are never the fit's: the fit compiles everything on its own clock.
@@ -99,31 +101,47 @@ def run_scalemem(Qf, Xf, Qt, Xt, P, every, target, **settings):
         judge = build_engine(ArraySource(Qf, Xf), FitConfig(
             prototypes=P, residency="resident", devices=1, optimizer="custom"),
             optimizer=optax.identity())
-    curve, paused = [], [0.0]
+    curve, paused, last = [], [0.0], [None]
 
-    def evaluate(step, clock, K, V=None):
+    def evaluate(step, clock, passes, K, V=None):
         K = jnp.asarray(np.asarray(K))
         if V is None:
             with jax.enable_x64(True):
                 V = judge.final(K).V
-        curve.append((step, clock, test_rmse(Memory(K, jnp.asarray(V, K.dtype)), Qt, Xt)))
+        curve.append((step, clock, test_rmse(Memory(K, jnp.asarray(V, K.dtype)), Qt, Xt),
+                      passes))
 
     def checkpoint(state):  # called by the fit loop every `every` steps
         jax.block_until_ready(state.K)
         t = time.perf_counter()
-        evaluate(state.step, t - t0 - paused[0], state.K)
+        extra = 0 if last[0].optimizer == "lbfgs" else 1
+        evaluate(state.step, t - t0 - paused[0], last[0].passes + extra, state.K)
         paused[0] += time.perf_counter() - t
 
     t0 = time.perf_counter()
-    res = scalemem.fit(Qf, Xf, P, checkpoint=checkpoint, checkpoint_every=every, **settings)
+    settings.setdefault("progress", False)
+    cfg_probe = scalemem.FitConfig(prototypes=P, **{k: v for k, v in settings.items()
+                                                    if k != "progress"})
+
+    def tagged(report):
+        report.optimizer = cfg_probe.optimizer
+        last[0] = report
+
+    res = scalemem.fit(Qf, Xf, P, checkpoint=checkpoint, checkpoint_every=every,
+                       callback=tagged, **settings)
     jax.block_until_ready(res.memory.V)
-    evaluate(res.config.steps, time.perf_counter() - t0 - paused[0], res.memory.K, res.memory.V)
-    hit = next((c for _, c, r in curve if r <= target), None)
+    evaluate(len(res.loss) - 1, time.perf_counter() - t0 - paused[0], res.passes, res.memory.K,
+             res.memory.V)
+    hit = next((c for c in curve if c[2] <= target), None)
     cfg = res.config
-    return {"time_to_target": hit, "final_rmse": curve[-1][2], "train_seconds": curve[-1][1],
+    return {"time_to_target": None if hit is None else hit[1],
+            "passes_to_target": None if hit is None else hit[3],
+            "steps_to_target": None if hit is None else hit[0],
+            "final_rmse": curve[-1][2], "train_seconds": curve[-1][1], "passes": res.passes,
             "steps": cfg.steps, "residency": res.residency, "curve": curve,
-            "settings": {"recipe": cfg.recipe, "init": cfg.init, "lr": cfg.learning_rate,
-                         "schedule": cfg.schedule, "steps": cfg.steps}}
+            "settings": {"recipe": cfg.recipe, "optimizer": cfg.optimizer, "init": cfg.init,
+                         "lr": cfg.learning_rate, "schedule": cfg.schedule, "steps": cfg.steps,
+                         "lbfgs_memory": cfg.lbfgs_memory}}
 
 
 def run_nystroem(Qf, Xf, Qt, Xt, P):

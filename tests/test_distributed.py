@@ -70,13 +70,17 @@ WORKER = textwrap.dedent(r"""
         rng = np.random.default_rng(1)
         Q, X = rng.standard_normal((ROWS, KEYDIM)), rng.standard_normal((ROWS, VALDIM))
         mem = scalemem.fit(Q, X + shift, PROTOTYPES, residency="resident", **settings)
+        # L-BFGS, streamed: its line search decides on every process from the same losses
+        lb = scalemem.fit_source(src, PROTOTYPES, residency="streamed", chunks_per_block=2,
+                                 **dict(settings, optimizer="lbfgs", steps=10))
     except ConfigError as e:
         print("CONFIGERROR " + json.dumps(dict(field=e.field, message=str(e))), flush=True)
         sys.exit(3)
     if is_writer():
         np.savez(out, K=np.asarray(res.memory.K), V=np.asarray(res.memory.V), loss=res.loss,
                  K_res=np.asarray(res_r.memory.K), loss_res=res_r.loss,
-                 K_mem=np.asarray(mem.memory.K), loss_mem=mem.loss)
+                 K_mem=np.asarray(mem.memory.K), loss_mem=mem.loss,
+                 K_lbfgs=np.asarray(lb.memory.K), loss_lbfgs=lb.loss, passes_lbfgs=lb.passes)
     print("DONE", flush=True)
 """).replace("PROTOTYPES", str(P)).replace("SETTINGS", repr(SETTINGS)).replace(
     "ROWS", str(N)).replace("KEYDIM", str(M)).replace("VALDIM", str(NV))
@@ -156,6 +160,11 @@ def test_two_processes_fit_like_one(store, tmp_path):
     for k in ("res", "mem"):
         np.testing.assert_allclose(out[f"K_{k}"], np.asarray(ref.memory.K), rtol=1e-5)
         np.testing.assert_allclose(out[f"loss_{k}"], ref.loss, rtol=1e-9)
+    # L-BFGS streamed over two processes: the same tolerances and the same passes as one process
+    ref_lb = scalemem.fit(Q, X, P, devices=1, **dict(SETTINGS, optimizer="lbfgs", steps=10))
+    np.testing.assert_allclose(out["K_lbfgs"], np.asarray(ref_lb.memory.K), rtol=1e-5)
+    np.testing.assert_allclose(out["loss_lbfgs"], ref_lb.loss, rtol=1e-9)
+    assert int(out["passes_lbfgs"]) == ref_lb.passes
     K0 = np.asarray(ref.memory.K)
     print("max rel diff of K vs one process: streamed %.2g, resident %.2g, in memory %.2g" % tuple(
         np.max(np.abs(out[k] - K0) / np.abs(K0)) for k in ("K", "K_res", "K_mem")))

@@ -120,6 +120,17 @@ CHILD = textwrap.dedent(r"""
             loss=rel(r.loss, ref.loss))
 
     if PART == "a":
+        # L-BFGS (line search on the host) on 8 devices, resident and streamed, against one
+        lb = dict(OLD, optimizer="lbfgs", steps=10)
+        r1 = scalemem.fit(Q, X, P, devices=1, chunk_rows=CHUNK, **lb)
+        r8 = scalemem.fit(Q, X, P, devices=8, chunk_rows=CHUNK, **lb)
+        r8s = scalemem.fit_source(ArraySource(Q, X), P, devices=8, residency="streamed",
+                                  chunk_rows=100, chunks_per_block=2, **lb)
+        out["lbfgs8"] = dict(K=rel(r8.memory.K, r1.memory.K), loss=rel(r8.loss, r1.loss),
+                             K_streamed=rel(r8s.memory.K, r1.memory.K),
+                             loss_streamed=rel(r8s.loss, r1.loss),
+                             passes=[r1.passes, r8.passes, r8s.passes],
+                             K_moved=rel(r1.memory.K, Ks[0]))
         # opt-in reduced-precision gradient (float32 compute): the gradient at a peaked K against
         # the float64 one, for each grad_precision
         Q32, X32 = Q.astype(np.float32), X.astype(np.float32)
@@ -221,6 +232,17 @@ def test_sharded_streaming_matches_one_device(parallel_run):
     assert r["stats"] <= 1e-12, r
     assert r["count"] == [parallel_run["rows"]] * 2
     assert r["K"] <= 1e-5 and r["loss"] <= 1e-9, r
+
+
+def test_lbfgs_on_eight_devices_matches_one_device(parallel_run):
+    r = parallel_run["lbfgs8"]
+    # the same reasoning and tolerances as Adam's above: float64 rows, summation order only;
+    # the line search decides on the host from the psum'ed losses, so every layout takes the
+    # same trials (equal passes) and the same path
+    assert r["K"] <= 1e-5 and r["K_streamed"] <= 1e-5, r
+    assert r["loss"] <= 1e-9 and r["loss_streamed"] <= 1e-9, r
+    assert len(set(r["passes"])) == 1, r
+    assert r["K_moved"] > 1e-2, r
 
 
 def test_gradient_grad_precision(parallel_run):

@@ -2,7 +2,8 @@
 with rows of weight 0: one shape, one compilation), read ahead by a thread while the consumer
 computes; a reader error is raised in the consumer and an early stop joins the thread; each
 block's CRC-32 is kept from the first pass and compared on every later one, so data changed under
-a running fit is an error (docs/design.md, "The read-ahead stream", "Data identity")."""
+a running fit is an error (docs/design.md, "The read-ahead stream", "Data identity"). The host
+blocks come from a fixed pool, reused once nothing refers to them (see :class:`ChunkStream`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import ctypes
 import ctypes.util
 import os
 import queue
+import sys
 import threading
+import time
 import zlib
 from typing import Any, Iterator, NamedTuple
 
@@ -20,7 +23,7 @@ import numpy as np
 
 from .._errors import DataError
 from .source import RowRange, Source
-from .sources import aligned_empty, is_aligned
+from .sources import _ALIGN, aligned_empty, is_aligned
 from .._validate import check_dtype, check_int
 
 __all__ = ["Block", "ChunkStream", "READER_THREAD_NAME", "block_crc"]
@@ -28,6 +31,10 @@ __all__ = ["Block", "ChunkStream", "READER_THREAD_NAME", "block_crc"]
 READER_THREAD_NAME = "scalemem-reader"
 _POLL_S = 0.05  # how often a blocked reader checks whether the consumer has gone away
 _TRIM_BYTES = 64 << 20  # block bytes read between two returns of free heap pages to the OS
+# Pooled host blocks beyond ``prefetch`` (ChunkStream's docstring counts them) and how often a
+# reader that found none free looks again
+_SPARE_BUFFERS = 5
+_WAIT_S = 0.002
 
 
 def _find_malloc_trim():
@@ -73,6 +80,117 @@ def _host_block(a, rows: int) -> np.ndarray:
     return out
 
 
+def _find_collect_garbage():
+    """jaxlib's ``collect_garbage`` (what JAX's own ``gc`` callback calls), or a no-op."""
+    try:
+        from jax._src.lib import _jax  # noqa: PLC0415 - private; optional
+
+        return _jax.collect_garbage
+    except (ImportError, AttributeError):  # pragma: no cover - another jaxlib
+        return lambda: None
+
+
+_collect_garbage = _find_collect_garbage()
+
+
+class _HostBlock:
+    """One pooled host block: the ``(shape, dtype)`` ``parts`` (Q, X, w) in one allocation,
+    each part 64-byte aligned (so ``device_put`` to a CPU device aliases it, as
+    :func:`~scalemem._data.sources.aligned_empty`).
+
+    Free is decided by reference count: every array handed out, every view of one (NumPy points
+    a view's ``base`` at the array owning the memory) and XLA's own hold on a host array it
+    aliases or is still copying from keep a reference to :attr:`owner`; when only the pool's
+    remains, nothing can read the memory any more and it may be overwritten."""
+
+    def __init__(self, parts):
+        self.parts, self._offsets, total = parts, [], 0
+        for shape, dtype in parts:
+            total = -(-total // _ALIGN) * _ALIGN
+            self._offsets.append(total)
+            total += int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        self.nbytes = total
+        self.owner = np.empty(total + _ALIGN, np.uint8)
+        self._shift = (-self.owner.ctypes.data) % _ALIGN
+        self._idle = sys.getrefcount(self.owner)  # the pool's own reference (+ the argument)
+
+    def in_use(self) -> bool:
+        return sys.getrefcount(self.owner) > self._idle
+
+    def arrays(self) -> list[np.ndarray]:
+        out = []
+        for (shape, dtype), off in zip(self.parts, self._offsets):
+            a = self._shift + off
+            n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            out.append(self.owner[a:a + n].view(dtype).reshape(shape))
+        return out
+
+
+class _BufferPool:
+    """At most ``capacity`` :class:`_HostBlock` of one layout, allocated as needed and reused
+    once free; shared by the passes (iterations) of one stream."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._blocks: list[_HostBlock] = []
+        self._lock = threading.Lock()
+        self.allocated = 0  # pooled blocks allocated
+        self.extra = 0  # blocks allocated outside the pool (every pooled one in use)
+        self.waits = 0  # reads that waited for a pooled block to be released
+
+    def _claim(self, parts) -> list[np.ndarray] | None:
+        with self._lock:
+            if self._blocks and self._blocks[0].parts != parts:
+                self._blocks = []  # another layout: those in use stay alive through their views
+            for b in self._blocks:
+                if not b.in_use():
+                    return b.arrays()
+            if len(self._blocks) < self.capacity:
+                self._blocks.append(_HostBlock(parts))
+                self.allocated += 1
+                return self._blocks[-1].arrays()
+        return None
+
+    def acquire(self, parts, stop: threading.Event, starving) -> list[np.ndarray] | None:
+        """Arrays of ``parts`` in a free pooled block, waiting for one to be released; when
+        every pooled block stays in use while the consumer waits for this block
+        (``starving()``: it holds on to blocks), a block outside the pool (freed when dropped),
+        not a deadlock. ``None`` when ``stop`` is set while waiting."""
+        starved_since = None
+        waited = False
+        while True:
+            arrays = self._claim(parts)
+            if arrays is None:
+                # XLA drops its hold on a host array it no longer needs when Python next calls
+                # into it (the consumer's next dispatch does); apply those drops now
+                _collect_garbage()
+                arrays = self._claim(parts)
+            if arrays is not None:
+                return arrays
+            if stop.is_set():
+                return None
+            if not waited:
+                waited = True
+                self.waits += 1
+            if starving():
+                now = time.monotonic()
+                starved_since = now if starved_since is None else starved_since
+                if now - starved_since >= _POLL_S:
+                    with self._lock:
+                        self.extra += 1
+                    return _HostBlock(parts).arrays()
+            else:
+                starved_since = None
+            time.sleep(_WAIT_S)
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"capacity": self.capacity, "allocated": self.allocated,
+                    "pooled": len(self._blocks),
+                    "bytes": sum(b.nbytes for b in self._blocks), "extra": self.extra,
+                    "waits": self.waits}
+
+
 class Block(NamedTuple):
     """One block of a pass. ``Q``/``X`` keep the source's stored dtypes (scales are applied by
     the engine); ``w`` is 1 on real rows and 0 on padding. Arrays are on the device when the
@@ -97,11 +215,30 @@ class ChunkStream:
     :meth:`rewind` (or make a new stream) for the next full pass. With ``verify`` (the default)
     a block that reads differently from the first time it was read raises
     :class:`~scalemem.DataError`: the source changed while it was being streamed.
+
+    Host buffers: each block is read into one of a fixed pool of ``buffers`` 64-byte aligned
+    host blocks (Q, X and w; allocated on first need, kept for every later pass), so the
+    resident size does not depend on how many blocks pass: fresh ~56 MB blocks (float32,
+    16384 rows × 862 columns) a block left the heap and RSS swinging by hundreds of MB, and
+    growing with the row count (``benchmarks/memory_scaling.py``). ``None`` (default) is
+    ``prefetch + 5``: ``prefetch`` queued blocks, the one being read, the next one already moved
+    to the device, the two block computations the streamed engine keeps in flight
+    (``_MAX_INFLIGHT``) and one finished whose release is not yet seen. A pooled block is
+    overwritten only when nothing refers to it any more: no array handed out (nor a view of
+    one), no queue or CRC check, and no device array or computation: on a CPU device
+    ``device_put`` aliases the host block instead of copying it, and XLA keeps a reference to
+    the host array until the last computation using it has finished (on an accelerator, until
+    the copy to the device has). Reference counts say so at no cost, so nothing is copied to
+    make the device side safe. When every pooled block is in use while the consumer waits for
+    the next block (it keeps blocks), the reader allocates one outside the pool rather than
+    wait forever: memory then grows with what the consumer keeps, as without a pool.
+    ``buffers=0``: a new host block for each block (no pool).
     """
 
     def __init__(self, source: Source, *, chunk_rows: int, chunks_per_block: int = 1,
                  weight_dtype=np.float32, prefetch: int = 2, start: int = 0,
-                 to_device: bool = True, device=None, verify: bool = True):
+                 to_device: bool = True, device=None, verify: bool = True,
+                 buffers: int | None = None):
         self.source = source
         self.chunk_rows = check_int("chunk_rows", chunk_rows, 1)
         self.chunks_per_block = check_int("chunks_per_block", chunks_per_block, 1)
@@ -112,16 +249,37 @@ class ChunkStream:
         self.weight_dtype = np.dtype(weight_dtype)
         self.to_device, self.device = to_device, device
         self._crcs: dict[int, int] | None = {} if verify else None  # block -> CRC-32 as first read
+        buffers = self.prefetch + _SPARE_BUFFERS if buffers is None else check_int(
+            "buffers", buffers, 0)
+        self._pool = _BufferPool(buffers) if buffers else None
+
+    def buffer_stats(self) -> dict | None:
+        """The host-buffer pool: ``capacity``, ``allocated`` (pooled blocks allocated so far),
+        ``pooled`` and their ``bytes``, ``extra`` (blocks allocated outside the pool because
+        every pooled one was in use while the consumer waited) and ``waits`` (reads that waited
+        for a pooled block to be released); ``None`` without a pool."""
+        return None if self._pool is None else self._pool.stats()
 
     def rewind(self, start: int = 0) -> None:
         """Set the cursor (the block the next iteration starts from)."""
         self.cursor = check_int("start", start, 0, self.num_blocks)
 
-    def read_block(self, index: int) -> Block:
-        """Block ``index`` as NumPy arrays, read and padded in the calling thread."""
+    def read_block(self, index: int, buffers=None) -> Block | None:
+        """Block ``index`` as NumPy arrays, read and padded in the calling thread: into new
+        arrays, or into the arrays ``buffers(parts)`` returns for the ``(shape, dtype)`` parts
+        Q, X, w (a pooled block; ``None`` from it: none, and ``None`` is returned)."""
         src, B = self.source, self.block_rows
         s = index * B
         e = min(s + B, int(src.rows))
+        out = None
+        if buffers is not None:
+            dtypes = (getattr(src, "key_dtype", None), getattr(src, "value_dtype", None))
+            if all(d is not None for d in dtypes):
+                out = buffers(((B, src.key_dim), np.dtype(dtypes[0])),
+                              ((B, src.value_dim), np.dtype(dtypes[1])),
+                              ((B,), self.weight_dtype))
+                if out is None:
+                    return None
         Q, X = src.read(s, e)
         n = e - s
         for what, a, dim in (("keys", Q, src.key_dim), ("values", X, src.value_dim)):
@@ -129,7 +287,14 @@ class ChunkStream:
                 raise DataError(f"{src.name}: read({s}, {e}) returned {what} of shape "
                                 f"{getattr(a, 'shape', None)}, expected {(n, dim)}")
             check_dtype(what, getattr(a, "dtype", object), f"{src.name}: read({s}, {e}) ")
-        Q, X, w = (_host_block(a, B) for a in (Q, X, np.ones(n, self.weight_dtype)))
+        w = np.ones(n, self.weight_dtype)
+        if out is not None and all(np.asarray(a).dtype == o.dtype for a, o in zip((Q, X), out)):
+            for o, a in zip(out, (Q, X, w)):
+                o[:n] = a
+                o[n:] = 0
+            Q, X, w = out
+        else:  # no pool, or the source read other dtypes than it declares: new arrays
+            Q, X, w = (_host_block(a, B) for a in (Q, X, w))
         c, k = self.chunk_rows, self.chunks_per_block
         return Block(index, s, n, Q.reshape(k, c, -1), X.reshape(k, c, -1), w.reshape(k, c))
 
@@ -157,6 +322,17 @@ class ChunkStream:
         # at the latest when the pass ends: before the step that read the rows can finish
         checks = None if self._crcs is None else queue.Queue(maxsize=self.prefetch + 1)
         failed: list[BaseException] = []
+        waiting = threading.Event()  # set while the consumer waits for the next block
+        pool = self._pool
+        buffers = None if pool is None else (
+            lambda *parts: pool.acquire(parts, stop, lambda: waiting.is_set() and q.empty()))
+
+        def take():
+            waiting.set()
+            try:
+                return q.get()
+            finally:
+                waiting.clear()
 
         def offer(item, into=q) -> bool:
             while not stop.is_set():
@@ -184,7 +360,9 @@ class ChunkStream:
             since_trim = 0
             try:
                 for i in range(first, self.num_blocks):
-                    block = self.read_block(i)
+                    block = self.read_block(i, buffers)
+                    if block is None:  # stopped while waiting for a pooled block
+                        return
                     if checks is not None and not offer(block, checks):
                         return
                     since_trim += block.Q.nbytes + block.X.nbytes
@@ -215,7 +393,7 @@ class ChunkStream:
         for t in threads:
             t.start()
         try:
-            current = ready(q.get())
+            current = ready(take())
             while current is not _END:
                 if failed:
                     raise failed[0]
@@ -227,7 +405,7 @@ class ChunkStream:
                     nxt = ready(nxt)
                 self.cursor = current.index + 1
                 yield current
-                current = ready(q.get() if nxt is None else nxt)
+                current = ready(take() if nxt is None else nxt)
             for t in threads[1:]:  # the checker: every block of the pass checked
                 t.join()
             if failed:

@@ -68,6 +68,7 @@ class _Engine:
             self.per_device = bucket_rows(self.per_device)
         self.chunk_rows = min(_core.balanced_chunk(self.per_device, chunk_rows), self.per_device)
         self._local = local_row_ranges(self.rows, spec.mesh)
+        self.passes = 0  # passes over the rows so far (a statistics pass, a gradient pass: 1)
 
     def locate_nonfinite(self):
         """The first NaN/Inf of this process's rows, or why the logits overflowed if none."""
@@ -130,10 +131,17 @@ class ResidentEngine(_Engine):
         return Q, X
 
     def step(self, K, opt_state):
+        self.passes += 2
         return prog.resident_step(K, opt_state, self.ridge, self.parts, spec=self.spec)
 
     def final(self, K) -> StepOut:
+        self.passes += 1
         return prog.resident_final(K, self.ridge, self.parts, spec=self.spec)
+
+    def grad(self, K, V):
+        """The variable-projection gradient at ``(K, V)`` (float64, one pass)."""
+        self.passes += 1
+        return prog.resident_grad(K, V, self.parts, spec=self.spec)
 
 
 class StreamedEngine(_Engine):
@@ -154,7 +162,6 @@ class StreamedEngine(_Engine):
                               if e > s else None) for d, (s, e) in self._local]
         self._zero_blocks: dict = {}
         self._last = None  # (K handed out, V solved at its predecessor), for one_pass
-        self.passes = 0  # reads of the whole source so far
 
     def _zero_block(self, d):
         if d not in self._zero_blocks:
@@ -221,3 +228,7 @@ class StreamedEngine(_Engine):
 
     def final(self, K) -> StepOut:
         return prog.solve(self._pass("stats", K), self.ridge)
+
+    def grad(self, K, V):
+        """The variable-projection gradient at ``(K, V)`` (float64, one pass)."""
+        return self._pass("grad", K, V)

@@ -24,6 +24,7 @@ from .init import data_keys, key_sample, key_spread, normal_keys
 from .loop import LoopState, StepReport, Validation, fit_engine
 from .mesh import local_row_ranges, make_mesh, platform, replicate, resolve_precision
 from .model import Memory, evaluate, memory_at
+from .lbfgs import LbfgsEngine
 from .programs import OptimSpec, Spec, init_state
 
 __all__ = ["FitResult", "build_engine", "fit_data", "fit", "fit_source", "choose_residency",
@@ -47,6 +48,8 @@ class FitResult:
     stopped_early: bool = False
     rows: int = 0  # rows fitted (the fit rows less any validation fraction)
     state: LoopState | None = None  # the loop's final state: a checkpoint of it extends the fit
+    passes: int = 0  # passes over the fit rows (initial keys, steps, final solve) in this call
+    converged: bool = False  # L-BFGS ended before ``steps``: no step lowered the loss
 
     @property
     def train_rmse(self) -> float:
@@ -85,7 +88,8 @@ def build_engine(source, cfg: FitConfig, *, optimizer=None, mesh=None):
     residency = choose_residency(cfg, source, mesh)
     data = WithBiasColumn(source, dt) if cfg.key_bias else source
     spec = Spec(mesh, optimizer if optimizer is not None else OptimSpec(
-        cfg.optimizer, cfg.learning_rate, cfg.schedule, cfg.warmup_steps, cfg.steps),
+        cfg.optimizer, cfg.learning_rate, cfg.schedule, cfg.warmup_steps, cfg.steps,
+        cfg.lbfgs_memory),
         data.key_scale, data.value_scale, resolve_precision(cfg.stats_precision, dt, plat),
         resolve_precision(cfg.grad_precision, dt, plat))
     if residency == "resident":
@@ -96,7 +100,7 @@ def build_engine(source, cfg: FitConfig, *, optimizer=None, mesh=None):
                                 chunk_rows=cfg.chunk_rows or STREAM_CHUNK_ROWS,
                                 chunks_per_block=cfg.chunks_per_block)
     engine.residency = residency
-    return engine
+    return LbfgsEngine(engine) if cfg.optimizer == "lbfgs" else engine
 
 
 def _split_validation(source, validation, prototypes: int):
@@ -202,7 +206,7 @@ def fit_data(source, config: FitConfig, *, optimizer: optax.GradientTransformati
                            source.value_scale)
     return FitResult(memory, res.loss, res.rmse, res.opt_state, res.seconds, res.solve_events,
                      cfg, engine.residency, res.best_step, res.validation, res.stopped_early,
-                     rows, res.state)
+                     rows, res.state, engine.passes, res.converged)
 
 
 LOOP_OPTIONS = ("checkpoint", "checkpoint_every", "checkpoint_seconds", "should_stop",

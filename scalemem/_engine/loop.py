@@ -28,6 +28,7 @@ class StepReport:
     seconds: float  # wall time since the loop started
     val: dict | None = None  # validation at K_step (rmse; accuracy, log_loss for labels)
     best_step: int | None = None  # the step of the best validation RMSE so far
+    passes: int | None = None  # passes over the fit rows when this step ended (init included)
 
 
 @dataclasses.dataclass
@@ -96,6 +97,7 @@ class LoopResult:
     validation: list | None = None  # with validation: {"step", "rmse", …} per evaluation
     stopped_early: bool = False
     state: LoopState | None = None  # the loop's final state (a checkpoint of it extends the fit)
+    converged: bool = False  # L-BFGS found no decrease: ended before ``steps``
 
 
 class FitInterrupted(Exception):
@@ -144,7 +146,7 @@ def fit_engine(engine, K0, optimizer, *, steps: int, opt_state=None, start_step:
     n_entries = engine.rows * engine.value_dim
     t0 = last_ckpt = time.perf_counter()
 
-    def read(t, out: StepOut, K_t):
+    def read(t, out: StepOut, K_t, passes=None):
         nonlocal events
         out = jax.device_get(out)
         if not bool(out.finite):
@@ -159,12 +161,17 @@ def fit_engine(engine, K0, optimizer, *, steps: int, opt_state=None, start_step:
         val = validation(t, K_t, out.V) if validation and validation.due(t, steps) else None
         if callback is not None:
             callback(StepReport(t, steps, loss, rmses[-1], engine.rows, time.perf_counter() - t0,
-                                val, validation.best_step if validation else None))
+                                val, validation.best_step if validation else None,
+                                getattr(engine, "passes", None) if passes is None else passes))
         return out
 
     pending = None
+    converged = False
     for t in range(start_step, steps):
         if validation is not None and validation.stop:  # decided by the read of step t - 1
+            break
+        if getattr(engine, "converged", False):
+            converged = True
             break
         first = t == start_step and note is not None
         if first:
@@ -176,7 +183,7 @@ def fit_engine(engine, K0, optimizer, *, steps: int, opt_state=None, start_step:
             note(f"step program ready in {time.perf_counter() - tc:.1f} s")
         if pending is not None:
             read(*pending)
-        pending = (t, out, K_t)
+        pending = (t, out, K_t, getattr(engine, "passes", None))
         done = t + 1
         stop = should_stop is not None and should_stop()
         due = checkpoint is not None and (stop or done < steps and (
@@ -196,17 +203,21 @@ def fit_engine(engine, K0, optimizer, *, steps: int, opt_state=None, start_step:
     if pending is not None:
         read(*pending)
     stopped_early = validation is not None and validation.stop
+    end = len(losses)  # steps done: the final keys are K_end
+    if converged and note is not None:
+        note(f"converged at step {end} of {steps}: no step along the gradient lowers the loss")
     if not stopped_early and note is not None:
-        note(f"final pass: V solved at the keys of step {steps}")
-    last = None if stopped_early else read(steps, engine.final(K), K)
+        note(f"final pass: V solved at the keys of step {end}")
+    last = None if stopped_early else read(end, engine.final(K), K)
     n = len(losses) - (last is not None)  # the K_0 … K_{n-1} the state's history covers
     state = LoopState(n, K, opt_state, losses[:n], rmses[:n],
                       validation.state() if validation else None)
     best = validation.best_step if validation is not None and validation.patience else None
+    converged = converged or getattr(engine, "converged", False) and len(losses) - 1 < steps
     if stopped_early and note is not None:
         note(f"early stop at step {len(losses) - 1} of {steps}: the validation RMSE did not "
              f"improve for {validation.patience} evaluations")
-    if best is not None and (last is None or best != steps):  # keep the best validated keys
+    if best is not None and (last is None or best != end):  # keep the best validated keys
         if note is not None:
             note(f"keeping the keys of step {best} (validation RMSE "
                  f"{validation.best()['rmse']:.6g})")
@@ -214,4 +225,5 @@ def fit_engine(engine, K0, optimizer, *, steps: int, opt_state=None, start_step:
         last = jax.device_get(engine.final(K))
     return LoopResult(K, last.V, np.asarray(losses), np.asarray(rmses), opt_state,
                       time.perf_counter() - t0, events, best,
-                      validation.history if validation else None, stopped_early, state)
+                      validation.history if validation else None, stopped_early, state,
+                      converged)

@@ -57,7 +57,7 @@ class ProfiledLoss:
         def objective(out, K):
             # the ridge term too: the gradient below is this objective's; in the keys' dtype,
             # as optimisers (optax's L-BFGS) keep values and parameters in one dtype
-            return (out.loss + 0.5 * engine.ridge * jnp.sum(out.V * out.V)).astype(K.dtype)
+            return prog.objective(out, engine.ridge).astype(K.dtype)
 
         @jax.custom_vjp
         def f(K):

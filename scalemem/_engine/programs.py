@@ -16,12 +16,14 @@ from jax.sharding import PartitionSpec as P
 
 from .. import _core
 from .._core import F64, StepOut, apply_gradient, solve_and_loss
+from .._core.lbfgs import LbfgsState, lbfgs_direction, lbfgs_init, lbfgs_reset
 from .mesh import smap
 
 __all__ = ["UNROLL_CHUNKS", "OptimSpec", "Spec", "Part", "fold_stats", "fold_grad",
            "resident_step", "resident_final", "resident_grad", "stream_zeros", "stream_block",
            "stream_reduce",
-           "solve", "apply_update", "init_state", "LrFactor"]
+           "solve", "apply_update", "init_state", "LrFactor", "lbfgs_step_direction",
+           "lbfgs_trial", "lbfgs_restart", "objective"]
 
 # Resident passes unroll at most this many chunks per device (else one scanned stack plus the
 # rest): a scan copies every chunk out of its stack, per pass (CPU, 60k rows in four chunks at
@@ -38,8 +40,14 @@ class OptimSpec:
     schedule: str
     warmup_steps: int
     steps: int
+    lbfgs_memory: int = 10
 
     def build(self) -> optax.GradientTransformation:
+        if self.name == "lbfgs":  # its steps are the engine's line search (.lbfgs)
+            def update(*_):
+                raise TypeError("L-BFGS keys move by the engine's line search, not by update()")
+            return optax.GradientTransformation(
+                lambda K: lbfgs_init(K, self.lbfgs_memory, self.learning_rate), update)
         lr, w, s = self.learning_rate, self.warmup_steps, max(self.steps, 1)
         if self.schedule == "cosine":
             rate = optax.warmup_cosine_decay_schedule(0.0, lr, w, max(s, w + 1), 0.0) if w \
@@ -222,6 +230,36 @@ def init_state(K, lr_factor=1.0, *, spec: Spec):
     """The optimiser state of ``K``, replicated over the mesh; a named optimiser's steps are
     multiplied by ``lr_factor``."""
     state = spec.transformation().init(K)
-    if isinstance(spec.optimizer, OptimSpec):
+    if isinstance(state, LbfgsState):
+        state = state._replace(scale0=state.scale0 * lr_factor)
+    elif isinstance(spec.optimizer, OptimSpec):
         state = (state[0], LrFactor(jnp.asarray(lr_factor, jnp.float32)))
     return _replicated(spec, state)
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def lbfgs_step_direction(state: LbfgsState, K, grad, *, spec: Spec):
+    """``(d, slope, state)`` of :func:`~scalemem._core.lbfgs.lbfgs_direction`, replicated; a
+    direction that is not a descent direction (``slope`` ≥ 0) restarts from an empty memory."""
+    d, slope, new = lbfgs_direction(state, K, grad)
+    d0, slope0, new0 = lbfgs_direction(lbfgs_reset(state), K, grad)
+    bad = ~(slope < 0)
+    pick = lambda a, b: jnp.where(bad, b, a)  # noqa: E731
+    return _replicated(spec, (pick(d, d0), pick(slope, slope0), jax.tree.map(pick, new, new0)))
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def lbfgs_trial(K, d, eta, *, spec: Spec):
+    """The trial keys ``K + η d`` in ``K``'s dtype, replicated."""
+    return _replicated(spec, (K.astype(F64) + eta * d).astype(K.dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def lbfgs_restart(state: LbfgsState, *, spec: Spec) -> LbfgsState:
+    return _replicated(spec, lbfgs_reset(state))
+
+
+@jax.jit
+def objective(out: StepOut, ridge):
+    """The profiled objective ½‖X − AV‖² + ½λ‖V‖² of a solve (float64)."""
+    return out.loss + 0.5 * ridge * jnp.sum(jnp.square(out.V.astype(F64)))
