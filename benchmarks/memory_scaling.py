@@ -138,6 +138,13 @@ def child(a) -> dict:
     from streamed import streamed_engine  # noqa: PLC0415
 
     after_import = _status()
+    if a.buffers is not None:  # the stream's host-buffer pool: another size, or none (0)
+        import functools  # noqa: PLC0415
+
+        from scalemem._data import ChunkStream  # noqa: PLC0415
+        from scalemem._engine import engines  # noqa: PLC0415
+
+        engines.ChunkStream = functools.partial(ChunkStream, buffers=a.buffers)
     source = open_source(a.store)
     steps_t: list[float] = []
     steps_cpu: list[float] = []
@@ -190,6 +197,7 @@ def child(a) -> dict:
     st = _status()
     streams = [s for _, s in getattr(engine, "_streams", ()) if s is not None]
     pool = [s.buffer_stats() for s in streams if hasattr(s, "buffer_stats")]
+    waited = [s.consumer_wait_s for s in streams if hasattr(s, "consumer_wait_s")]
     timed_steps = steps_t[1:] if len(steps_t) > 1 else steps_t
     timed_cpu = steps_cpu[1:] if len(steps_cpu) > 1 else steps_cpu
     return {
@@ -211,6 +219,7 @@ def child(a) -> dict:
         "rss_samples": {"interval_s": a.sample_s, "seconds_kib": sampler.samples,
                         "step_end_seconds": step_ends},
         "stream_buffers": pool or None,  # the read-ahead's buffer pool (None: no pool)
+        "consumer_wait_seconds": waited or None,  # the engine waiting for blocks, whole fit
     }
 
 
@@ -252,7 +261,8 @@ def run_child(a, store: Path, env: dict) -> dict:
            "--prototypes", str(a.prototypes), "--steps", str(a.steps),
            "--chunk-rows", str(a.chunk_rows), "--chunks-per-block", str(a.chunks_per_block),
            "--prefetch", str(a.prefetch), "--ulimit-v-kib", str(a.ulimit_v_kib or 0),
-           "--sample-s", str(a.sample_s)]
+           "--sample-s", str(a.sample_s)] + (
+               [] if a.buffers is None else ["--buffers", str(a.buffers)])
     p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
     if p.returncode != 0 or not lines:
@@ -301,6 +311,9 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk-rows", type=int, default=4096)
     ap.add_argument("--chunks-per-block", type=int, default=4)
     ap.add_argument("--prefetch", type=int, default=2, help="read-ahead blocks of the stream")
+    ap.add_argument("--buffers", type=int, default=None,
+                    help="pooled host blocks of the stream (default: the stream's own, "
+                         "prefetch + 3; 0: a new host block for every block, no pool)")
     ap.add_argument("--ulimit-v-kib", type=int, default=0,
                     help="RLIMIT_AS of each fit process, in KiB (as ulimit -v); 0: unlimited")
     ap.add_argument("--sample-s", type=float, default=0.5,

@@ -28,8 +28,19 @@ evaluation is of the fitted memory. Methods:
   seed split, ``--best-steps-full`` on the full one, where more rows allow more steps before
   the test error stops improving). ``--seed-steps-full`` caps the seed-settings run on the full
   split likewise.
-- ``default``: ``scalemem.fit`` with every setting at its default (the ``fast`` recipe:
-  k-means++ keys, cosine Adam 1e-2, 35 steps), evaluated every ``--default-eval-every`` steps.
+- ``adam``: the best Adam recipe of this run: ``recipe="adam"`` (k-means++ keys, cosine Adam
+  relative to the keys' spread) at each of ``--adam-lrs`` × ``--adam-steps``, evaluated at every
+  step; the one with the fewest passes to the target is reported (all in ``tried``).
+- ``default``: ``scalemem.fit`` with every setting at its default (the ``fast`` recipe: 20
+  L-BFGS steps from k-means++ keys), evaluated at every step (``--default-eval-every``).
+- ``lowest`` (full split): L-BFGS with ``--lowest-memory`` pairs for ``--lowest-steps`` steps,
+  evaluated every ``--lowest-eval-every`` steps: the lowest test RMSE and its step.
+
+Passes (``passes_to_target``): passes over the fit rows (a statistics or a gradient pass: one
+each; the initial keys' search included) spent when the evaluated keys' statistics were known:
+for Adam those of the steps before plus the keys' own statistics pass; for L-BFGS those of the
+steps before (its line search made the keys' statistics). ``adam_passes_over_default`` is the
+acceptance ratio (≥ 2).
 - ``nystroem``: scikit-learn Nyström RBF features (256 components) + ridge regression, with the
   kernel width and ridge picked on the test set (an optimistic peer), fit time of the picked one.
 - ``knn``: k-nearest-neighbour regression on the keys (k picked on the test set likewise).
@@ -63,7 +74,7 @@ from scalemem._engine.fitting import build_engine  # noqa: E402
 from scalemem.datasets import fashion_mnist  # noqa: E402
 
 SPLITS = {"seed": ("fit10k", "test60k", 0.1195), "full": ("fit60k", "test10k", 0.1167)}
-SCALEMEM_METHODS = ("seed", "best", "default")
+SCALEMEM_METHODS = ("seed", "best", "adam", "default")
 
 
 def test_rmse(memory, Qt, Xt) -> float:
@@ -196,7 +207,13 @@ def main(argv=None):
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--best-eval-every", type=int, default=10)
     ap.add_argument("--best-eval-every-full", type=int, default=25)
-    ap.add_argument("--default-eval-every", type=int, default=5)
+    ap.add_argument("--default-eval-every", type=int, default=1)
+    ap.add_argument("--adam-lrs", default="2e-3,3e-3,5e-3",
+                    help="relative learning rates of the Adam recipes tried")
+    ap.add_argument("--adam-steps", default="35,60", help="cosine lengths of those recipes")
+    ap.add_argument("--lowest-steps", type=int, default=200)
+    ap.add_argument("--lowest-memory", type=int, default=20)
+    ap.add_argument("--lowest-eval-every", type=int, default=10)
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
     P = a.prototypes
@@ -224,20 +241,45 @@ def main(argv=None):
             every = a.best_eval_every_full if full else a.best_eval_every
             res["best"] = run_scalemem(Qf, Xf, Qt, Xt, P, every, target, init="kmeans",
                                        learning_rate=a.best_lr, schedule="cosine", steps=steps)
+        if "adam" in methods:  # Adam recipes: the one with the fewest passes to the target
+            tried = []
+            for lr in map(float, a.adam_lrs.split(",")):
+                for steps in map(int, a.adam_steps.split(",")):
+                    r = run_scalemem(Qf, Xf, Qt, Xt, P, 1, target, recipe="adam",
+                                     learning_rate=lr, steps=steps)
+                    tried.append(r)
+                    print(f"    adam lr {lr:g} relative, {steps} cosine steps: passes to target "
+                          f"{r['passes_to_target']}, final {r['final_rmse']:.6f}", flush=True)
+            hits = [r for r in tried if r["passes_to_target"] is not None]
+            res["adam"] = dict(min(hits, key=lambda r: r["passes_to_target"]) if hits
+                               else min(tried, key=lambda r: r["final_rmse"]))
+            res["adam"]["tried"] = [dict(settings=r["settings"], final_rmse=r["final_rmse"],
+                                         passes_to_target=r["passes_to_target"]) for r in tried]
         if "default" in methods:
             res["default"] = run_scalemem(Qf, Xf, Qt, Xt, P, a.default_eval_every, target)
+        if "adam" in res and "default" in res and res["default"]["passes_to_target"]:
+            if res["adam"]["passes_to_target"]:
+                res["adam_passes_over_default"] = (res["adam"]["passes_to_target"]
+                                                   / res["default"]["passes_to_target"])
+        if "lowest" in methods and full:  # the lowest test RMSE: L-BFGS with more memory, long
+            res["lowest"] = run_scalemem(Qf, Xf, Qt, Xt, P, a.lowest_eval_every, target,
+                                         steps=a.lowest_steps, lbfgs_memory=a.lowest_memory)
+            best = min(res["lowest"]["curve"], key=lambda c: c[2])
+            res["lowest"]["lowest_rmse"], res["lowest"]["lowest_at_step"] = best[2], best[0]
         if "nystroem" in methods:
             res["nystroem"] = run_nystroem(Qf, Xf, Qt, Xt, P)
         if "knn" in methods:
             res["knn"] = run_knn(Qf, Xf, Qt, Xt)
         for k, v in res.items():
-            if k == "target":
+            if not isinstance(v, dict):
                 continue
             ttt = v.get("time_to_target")
             tt = "never" if ttt is None and "time_to_target" in v else (
                 f"{ttt:.1f} s" if ttt is not None else "-")
             sec = v.get("train_seconds", v.get("seconds_fit_and_predict"))
+            ptt = v.get("passes_to_target")
             print(f"  {k:>10}: final test RMSE {v['final_rmse']:.6f}, time to target {tt}, "
+                  f"passes to target {ptt if ptt is not None else '-'}, "
                   f"training {sec:.1f} s", flush=True)
         if "prototype" in res and res["prototype"]["time_to_target"] is not None:
             for k in SCALEMEM_METHODS:

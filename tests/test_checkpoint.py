@@ -131,7 +131,7 @@ def test_sigkill_at_five_random_steps_then_resume_is_bit_identical(store, env, t
     # every step logged exactly once, with the documented fields
     recs = _metrics(run)
     assert [r["step"] for r in recs] == list(range(STEPS + 1))  # K_0 … K_STEPS
-    assert set(recs[0]) == {"step", "loss", "rmse", "seconds", "rows_per_s"}
+    assert set(recs[0]) == {"step", "loss", "rmse", "seconds", "rows_per_s", "passes"}
     assert [r["loss"] for r in recs] == [r["loss"] for r in _metrics(ref_run)]
     # only the newest 3 checkpoints are kept; no temporary file is left behind
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
@@ -176,9 +176,10 @@ def test_lbfgs_sigkill_then_resume_is_bit_identical(store, env, tmp_path):
 @pytest.fixture(scope="module")
 def short_run(store, tmp_path_factory) -> Path:
     """A finished 4-step run with checkpoints after steps 1, 2, 3 (fitted in this process;
-    the default recipe, so a cosine schedule over its 4 steps)."""
+    the Adam recipe, so a cosine schedule over its 4 steps)."""
     run = tmp_path_factory.mktemp("short") / "run"
     assert cli.main(["fit", str(store), "--rows", "fit", "--prototypes", "4", "--steps", "4",
+                     "--recipe", "adam",
                      "--checkpoint-every", "1", "--quiet", "--out", str(run), NO_CACHE]) == 0
     assert json.loads((run / "config.json").read_text())["schedule"] == "cosine"
     return run

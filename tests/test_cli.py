@@ -164,7 +164,7 @@ rows = "test"
     assert (saved["steps"], saved["prototypes"], saved["learning_rate"],
             saved["chunks_per_block"]) == (7, 16, 0.05, 2)
     # the recipe is recorded resolved: the settings that were not given are the recipe's
-    assert (saved["recipe"], saved["init"], saved["schedule"]) == ("fast", "kmeans", "cosine")
+    assert (saved["recipe"], saved["init"], saved["optimizer"]) == ("fast", "kmeans", "lbfgs")
     assert saved["keys"] == "pixels[@key_columns]/255" and saved["values"] == "pixels/255"
 
 

@@ -32,11 +32,12 @@ def count_compiles():
 
 
 @pytest.mark.parametrize("settings", [
-    dict(),  # the default recipe: k-means keys (17 exact passes), cosine Adam
+    dict(),  # the default recipe: k-means keys (a few exact passes), L-BFGS
+    dict(recipe="adam"),  # k-means keys, cosine Adam
     dict(recipe="seed", steps=6, key_bias=True),
     dict(residency="streamed", chunk_rows=256, steps=4),
-    dict(residency="streamed", one_pass=True, steps=4, chunk_rows=300),
-], ids=["default", "seed-bias", "streamed", "one-pass"])
+    dict(residency="streamed", one_pass=True, steps=4, chunk_rows=300, recipe="adam"),
+], ids=["default", "adam", "seed-bias", "streamed", "one-pass"])
 def test_second_fit_compiles_nothing(settings):
     rng = np.random.default_rng(0)
     Q = rng.standard_normal((1200, 5)).astype(np.float32)

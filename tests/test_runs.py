@@ -97,12 +97,23 @@ def test_finished_run_extends_bit_identically_and_refuses_another_fit(store, oth
     assert _snapshot(run) == before
 
 
+def test_an_lbfgs_run_extends_bit_identically(store, tmp_path, capsys):
+    # L-BFGS (the default recipe) has no schedule: its first 4 steps are those of any longer fit
+    run, straight = tmp_path / "lb", tmp_path / "lb-straight"
+    flags = ["--prototypes", "4", "--quiet", "--no-compile-cache"]
+    assert cli.main(["fit", str(store), *flags, "--steps", "4", "--out", str(run)]) == 0
+    assert cli.main(["fit", "--resume", str(run), "--steps", "7", "--quiet"]) == 0
+    assert cli.main(["fit", str(store), *flags, "--steps", "7", "--out", str(straight)]) == 0
+    assert json.loads((run / "config.json").read_text())["optimizer"] == "lbfgs"
+    _same_model(straight, run)
+
+
 def test_extending_a_cosine_run_is_refused(store, tmp_path, capsys):
-    # the default recipe's cosine schedule decays over `steps`: 4 steps of a 4-step fit are not
+    # the Adam recipe's cosine schedule decays over `steps`: 4 steps of a 4-step fit are not
     # the first 4 steps of a 6-step fit, so there is nothing to extend
     run = tmp_path / "cos"
     assert cli.main(["fit", str(store), "--prototypes", "4", "--steps", "4", "--quiet",
-                     "--no-compile-cache", "--out", str(run)]) == 0
+                     "--recipe", "adam", "--no-compile-cache", "--out", str(run)]) == 0
     before = _snapshot(run)
     _refused(capsys, ["fit", "--resume", str(run), "--steps", "6", "--quiet"], "'steps'")
     assert _snapshot(run) == before

@@ -98,7 +98,10 @@ def test_sliding_window_consumer_sees_right_rows(window):
     """A consumer keeping its last ``window`` blocks (a window wider than the pool included)
     checks each block when it leaves the window: no block is overwritten while kept."""
     Q, X = _data(6000, seed=1)
-    stream = ChunkStream(ArraySource(Q, X), chunk_rows=50, chunks_per_block=2, prefetch=2)
+    # verify=False: no CRC check holding blocks, so a consumer keeping one block needs no more
+    # than the pool (with the checker that depends on how far behind it runs)
+    stream = ChunkStream(ArraySource(Q, X), chunk_rows=50, chunks_per_block=2, prefetch=2,
+                         verify=False)
     for _ in range(3):
         stream.rewind()
         kept = []
@@ -111,7 +114,7 @@ def test_sliding_window_consumer_sees_right_rows(window):
         del kept, b
     st = stream.buffer_stats()
     assert st["capacity"] == 2 + stream_mod._SPARE_BUFFERS
-    assert st["allocated"] <= st["capacity"]  # 3 passes of 60 blocks in at most 7 buffers
+    assert st["allocated"] <= st["capacity"]  # 3 passes of 60 blocks in at most 5 buffers
     if window == 1:
         assert st["extra"] == 0  # a consumer that lets go of its blocks never needs more
 
@@ -196,7 +199,7 @@ def test_streamed_fit_is_bitwise_the_same_with_and_without_the_pool(monkeypatch,
     Z = rng.standard_normal((3000, 3))
     Q = (Z @ rng.standard_normal((3, 6)) + 0.1 * rng.standard_normal((3000, 6))).astype(dtype)
     X = (np.tanh(Z @ rng.standard_normal((3, 10)))).astype(dtype)
-    # blocks of 2 chunks of 100 rows: 15 blocks a pass, 7 passes, through 7 pooled buffers
+    # blocks of 2 chunks of 100 rows: 15 blocks a pass, 7 passes, through 5 pooled buffers
     kw = dict(residency="streamed", steps=3, init="normal", seed=0, chunk_rows=100,
               chunks_per_block=2, dtype=dtype, recipe="seed", learning_rate=1e-2)
     _Recording.made = []
@@ -204,7 +207,7 @@ def test_streamed_fit_is_bitwise_the_same_with_and_without_the_pool(monkeypatch,
     pooled = scalemem.fit_source(ArraySource(Q, X), 8, **kw)
     (stream,) = _Recording.made
     st = stream.buffer_stats()
-    assert 2 <= st["allocated"] <= st["capacity"] == 7 and st["extra"] == 0
+    assert 2 <= st["allocated"] <= st["capacity"] == 5
     monkeypatch.setattr(engines, "ChunkStream", functools.partial(ChunkStream, buffers=0))
     fresh = scalemem.fit_source(ArraySource(Q, X), 8, **kw)
     # the same rows in the same order and layout: the same bits

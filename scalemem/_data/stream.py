@@ -33,7 +33,7 @@ _POLL_S = 0.05  # how often a blocked reader checks whether the consumer has gon
 _TRIM_BYTES = 64 << 20  # block bytes read between two returns of free heap pages to the OS
 # Pooled host blocks beyond ``prefetch`` (ChunkStream's docstring counts them) and how often a
 # reader that found none free looks again
-_SPARE_BUFFERS = 5
+_SPARE_BUFFERS = 3
 _WAIT_S = 0.002
 
 
@@ -217,21 +217,25 @@ class ChunkStream:
     :class:`~scalemem.DataError`: the source changed while it was being streamed.
 
     Host buffers: each block is read into one of a fixed pool of ``buffers`` 64-byte aligned
-    host blocks (Q, X and w; allocated on first need, kept for every later pass), so the
-    resident size does not depend on how many blocks pass: fresh ~56 MB blocks (float32,
-    16384 rows × 862 columns) a block left the heap and RSS swinging by hundreds of MB, and
-    growing with the row count (``benchmarks/memory_scaling.py``). ``None`` (default) is
-    ``prefetch + 5``: ``prefetch`` queued blocks, the one being read, the next one already moved
-    to the device, the two block computations the streamed engine keeps in flight
-    (``_MAX_INFLIGHT``) and one finished whose release is not yet seen. A pooled block is
-    overwritten only when nothing refers to it any more: no array handed out (nor a view of
-    one), no queue or CRC check, and no device array or computation: on a CPU device
-    ``device_put`` aliases the host block instead of copying it, and XLA keeps a reference to
-    the host array until the last computation using it has finished (on an accelerator, until
-    the copy to the device has). Reference counts say so at no cost, so nothing is copied to
-    make the device side safe. When every pooled block is in use while the consumer waits for
-    the next block (it keeps blocks), the reader allocates one outside the pool rather than
-    wait forever: memory then grows with what the consumer keeps, as without a pool.
+    host blocks (Q, X and w in one allocation; allocated on first need and kept for every later
+    pass), not into new arrays: a new ~56 MB block each time (float32, 16384 rows × 862
+    columns) made the resident size swing by 300-450 MB within a fit and its peak depend on
+    how many blocks passed (``benchmarks/memory_scaling.py``). ``None`` (default) is
+    ``prefetch + 3``: the ``prefetch`` queued blocks, the one being read, the next one already
+    moved to the device, and the one being computed. A pooled block is overwritten only when
+    nothing refers to it any more: no array handed out (nor a view of one), no queue or CRC
+    check, and no device array or computation: on a CPU device ``device_put`` aliases the host
+    block instead of copying it, and XLA keeps a reference to the host array until the last
+    computation using it has finished (on an accelerator, until its copy to the device has).
+    Reference counts tell, at no cost, so nothing is copied to make the device side safe; the
+    price is that a block computation still in flight (the streamed engine keeps up to
+    ``_MAX_INFLIGHT`` = 2) keeps its buffer, and the reader waits for one to be released
+    rather than allocate (measured on 2 cores: the engine waited for blocks as long with 5
+    buffers as with 7, and peaked 80 MB lower). When every pooled block stays in use while the
+    consumer waits for the next block (it keeps blocks), the reader allocates one outside the
+    pool rather than wait forever: memory then grows with what the consumer keeps, as it did
+    without a pool. :meth:`buffer_stats` counts both; the source's ``read`` still returns new
+    arrays, copied into the pooled block and freed at once.
     ``buffers=0``: a new host block for each block (no pool).
     """
 
@@ -252,6 +256,7 @@ class ChunkStream:
         buffers = self.prefetch + _SPARE_BUFFERS if buffers is None else check_int(
             "buffers", buffers, 0)
         self._pool = _BufferPool(buffers) if buffers else None
+        self.consumer_wait_s = 0.0  # seconds the consumer waited for a block, all passes
 
     def buffer_stats(self) -> dict | None:
         """The host-buffer pool: ``capacity``, ``allocated`` (pooled blocks allocated so far),
@@ -328,11 +333,13 @@ class ChunkStream:
             lambda *parts: pool.acquire(parts, stop, lambda: waiting.is_set() and q.empty()))
 
         def take():
+            t = time.perf_counter()
             waiting.set()
             try:
                 return q.get()
             finally:
                 waiting.clear()
+                self.consumer_wait_s += time.perf_counter() - t
 
         def offer(item, into=q) -> bool:
             while not stop.is_set():

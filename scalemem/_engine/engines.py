@@ -70,6 +70,10 @@ class _Engine:
         self._local = local_row_ranges(self.rows, spec.mesh)
         self.passes = 0  # passes over the rows so far (a statistics pass, a gradient pass: 1)
 
+    def solved_at(self, K, out) -> None:
+        """A solve at ``K`` made elsewhere (the initial keys' search): an Adam step recomputes
+        it inside its one program, so it is not kept."""
+
     def locate_nonfinite(self):
         """The first NaN/Inf of this process's rows, or why the logits overflowed if none."""
         return locate_nonfinite(self.source, 1 << 14, self.chunk_rows,

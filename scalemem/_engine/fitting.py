@@ -186,9 +186,14 @@ def fit_data(source, config: FitConfig, *, optimizer: optax.GradientTransformati
         elif cfg.init == "normal":
             K0 = normal_keys(cfg.prototypes, mk, cfg.seed, dt)
         else:
-            K0 = data_keys(lambda K: engine.final(replicate(K, mesh)), sample,
-                           cfg.prototypes, cfg.init, cfg.seed, cfg.key_bias, dt)
+            K0, spent, at_K0 = data_keys(lambda K: engine.final(replicate(K, mesh)), sample,
+                                  cfg.prototypes, cfg.init, cfg.seed, cfg.key_bias, dt)
+            if loop.get("note") is not None:
+                loop["note"](f"initial keys: {cfg.init} at the logit scale of lowest loss "
+                             f"({spent} statistics passes)")
         K0 = replicate(K0, mesh)
+        if start is None and init is None and cfg.init != "normal":
+            engine.solved_at(K0, at_K0)  # the search solved there: a step may start from it
         if val is not None:
             loop["validation"] = _validation(val, cfg, m, int(source.value_dim), labels)
             if start is not None and start.validation is not None:

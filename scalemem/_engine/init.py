@@ -80,32 +80,39 @@ def key_spread(Qs: np.ndarray) -> float:
 
 
 def data_keys(final, Qs: np.ndarray, P: int, init: str, seed: int, bias: bool, dtype):
-    """k-means++ centres (``init="kmeans"``) or ``P`` distinct sampled rows (``"sample"``) of the
-    key sample ``Qs`` at the logit scale of lowest exact training loss (a coarse-to-fine search
-    of ``final(K)``, the engine's statistics pass and solve at ``K``)."""
+    """``(keys, passes, StepOut at the keys or None)``: k-means++ centres (``init="kmeans"``) or ``P`` distinct sampled rows
+    (``"sample"``) of the key sample ``Qs`` at the logit scale of lowest exact training loss (a
+    bracketing search of ``final(K)``, the engine's statistics pass and solve at ``K``), and
+    the statistics passes the search spent."""
     rng = np.random.default_rng(seed)
     if init == "kmeans":
         C = kmeans_pp(Qs, P, seed=seed)
     else:
         C = Qs[rng.choice(Qs.shape[0], P, replace=False)]
     sub = Qs[rng.choice(Qs.shape[0], min(4096, Qs.shape[0]), replace=False)]
-    d2 = ((sub[:, None, :] - C[None, :min(P, 64), :]) ** 2).sum(-1).min(1)
+    d2 = _sq_dists(sub, C[:min(P, 64)]).min(1)
     s2 = float(np.median(d2)) or 1.0
     losses: dict[float, float] = {}
+    outs: dict[float, object] = {}
 
     def loss(g: float) -> float:
         if g not in losses:
-            value = float(final(jnp.asarray(initial_keys(C, g / s2, bias), dtype)).loss)
+            outs[g] = final(jnp.asarray(initial_keys(C, g / s2, bias), dtype))
+            value = float(outs[g].loss)
             losses[g] = value if np.isfinite(value) else np.inf
         return losses[g]
 
-    # the logit scale g/s2 from the near-linear regime (1e-3) to sharp kernels (~64): a grid of
-    # factor 16, then the best point refined by factors 4 and 2: 9 statistics passes instead of
-    # the 17 of a grid of factor 2, whose best loss it matched within 0.2% in the five fits
-    # measured (Fashion-MNIST fit60k/fit10k, P 32-256, with bias and sampled rows; synthetic)
-    best = min(1e-3 * 16.0 ** np.arange(5), key=loss)
-    for f in (4.0, 2.0):
-        best = min((best / f, best, best * f), key=loss)
+    # the logit scale g/s2, g dimensionless (s2: the median squared distance of a row to its
+    # nearest centre): a bracketing search from g = 1/4 by factors of 4 (walking downhill, within
+    # 1e-3 … 64), then the best point refined by factors of 2. Fashion-MNIST (fit10k and fit60k,
+    # P = 64 and 256) picks g in 1/16 … 1/2: 5 statistics passes, where the grid of factor 16
+    # refined by 4 and 2 it replaces took 9 and picked the same scales within a factor of 2
+    # (docs/design.md, "Initial keys").
+    best = min((0.0625, 0.25, 1.0), key=loss)
+    step = 0.25 if best == 0.0625 else 4.0 if best == 1.0 else None
+    while step is not None and 1e-3 <= best * step <= 64.0 and loss(best * step) < loss(best):
+        best *= step
+    best = min((best / 2.0, best, best * 2.0), key=loss)
     if not np.isfinite(losses[best]):
         best = 1.0
-    return jnp.asarray(initial_keys(C, best / s2, bias), dtype)
+    return jnp.asarray(initial_keys(C, best / s2, bias), dtype), len(losses), outs.get(best)

@@ -39,6 +39,12 @@ class LbfgsEngine:
     def __getattr__(self, name):  # rows, value_dim, spec, residency, passes, …: the engine's
         return getattr(self.inner, name)
 
+    def solved_at(self, K, out: StepOut | None) -> None:
+        """``out`` is the engine's statistics and solve at ``K`` (the initial keys' search made
+        them): the first step uses it instead of a pass."""
+        if out is not None:
+            self._next = (K, out)
+
     def final(self, K) -> StepOut:
         if self._next is not None and self._next[0] is K:
             return self._next[1]

@@ -200,6 +200,7 @@ def _fit(record, fitc, runc, run, source, fingerprint, manager, ckpt, say, bar,
          validation) -> dict:
     writer = is_writer()
     offset = float(ckpt.meta.get("seconds", 0.0)) if ckpt is not None else 0.0
+    passes = [int(ckpt.meta.get("passes", 0)) if ckpt is not None else 0, 0]  # earlier, now
     if writer:
         truncate_metrics(run / METRICS_FILE, ckpt.step if ckpt is not None else 0,
                          None if ckpt is None else (ckpt.loss, ckpt.rmse))
@@ -208,16 +209,19 @@ def _fit(record, fitc, runc, run, source, fingerprint, manager, ckpt, say, bar,
     def checkpoint(state) -> None:
         if writer:
             manager.save(state, {"config": record, "fingerprint": fingerprint,
-                                 "seconds": offset + time.perf_counter() - t_start})
+                                 "seconds": offset + time.perf_counter() - t_start,
+                                 "passes": sum(passes)})
 
     start = None if ckpt is None else LoopState(
         ckpt.step, ckpt.K, lambda template: restore_opt_state(ckpt, template), ckpt.loss,
         ckpt.rmse, ckpt.validation)
-    metrics_cm = (MetricsWriter(run / METRICS_FILE, seconds_offset=offset) if writer
+    metrics_cm = (MetricsWriter(run / METRICS_FILE, seconds_offset=offset,
+                                passes_offset=passes[0]) if writer
                   else contextlib.nullcontext(lambda report: None))
     failed: list[CheckpointError] = []  # metrics.jsonl could not be appended (a full disk)
     with metrics_cm as metrics, _signals_caught() as caught:
         def callback(report):
+            passes[1] = report.passes or 0
             if not failed:
                 try:
                     metrics(report)
@@ -249,6 +253,7 @@ def _fit(record, fitc, runc, run, source, fingerprint, manager, ckpt, say, bar,
                   "steps": fitc.steps, "rows": int(res.rows), "loss": float(res.loss[at]),
                   "train_rmse": res.train_rmse, "seconds": seconds,
                   "solve_events": int(res.solve_events), "residency": res.residency,
+                  "optimizer": fitc.optimizer, "passes": passes[0] + int(res.passes),
                   "resumed_from": None if ckpt is None else ckpt.step}
         if res.validation is not None:
             best = res.best_step if res.best_step is not None else res.validation[-1]["step"]
@@ -273,6 +278,8 @@ def _fit(record, fitc, runc, run, source, fingerprint, manager, ckpt, say, bar,
     val = (f", validation RMSE {result['val_rmse']:.6g} (kept step {result['best_step']}"
            f"{', stopped early at ' + str(result['steps_run']) if res.stopped_early else ''})"
            if res.validation is not None else "")
-    say(f"fit {fitc.steps} steps: loss {result['loss']:.6g}, train RMSE {result['train_rmse']:.6g}"
-        f"{val}, {seconds:.1f} s ({res.residency} rows); model {run / MODEL_FILE}")
+    conv = f" (converged at step {len(res.loss) - 1})" if res.converged else ""
+    say(f"fit {fitc.steps} steps{conv}: loss {result['loss']:.6g}, train RMSE {result['train_rmse']:.6g}"
+        f"{val}, {seconds:.1f} s, {result['passes']} passes over the {res.residency} rows; "
+        f"model {run / MODEL_FILE}")
     return result
