@@ -94,6 +94,8 @@ class Progress:
         best = getattr(report, "best_step", None)
         if best is not None:
             parts.append(f"best step {best}")
+        if getattr(report, "passes", None) is not None:
+            parts.append(f"{report.passes} passes")
         parts.append(f"{_rate(rows_per_s)} rows/s")
         return "  ".join(parts), per_step * left
 

@@ -29,6 +29,8 @@ FEATURES = {
     "precision": dict(recipe="seed", init="kmeans", learning_rate=1e-2, steps=10, ridge=1e-2,
                       dtype="float32", stats_precision="tf32", grad_precision="bf16"),
     "one_pass": dict(recipe="seed", one_pass=True, steps=10, dtype="float64"),
+    # L-BFGS (the default recipe): its line search decides on the host from reduced losses
+    "lbfgs": dict(recipe="fast", steps=10, dtype="float64"),
 }
 RESIDENCIES = ("resident", "streamed")
 

@@ -1,6 +1,6 @@
 """Every feature on every path: {resident, streamed} × {1 device, 4 devices, 2 processes} ×
-{init normal, init kmeans, key_bias, cosine schedule, precision setting} (and one_pass on the
-streamed cells) give the same K as the resident one-device fit.
+{init normal, init kmeans, key_bias, cosine schedule, precision setting, L-BFGS} (and one_pass
+on the streamed cells) give the same K as the resident one-device fit.
 
 The 4-device layout (fake CPU devices) and the 2-process layout (``jax.distributed`` on
 127.0.0.1 with gloo collectives) run in fresh processes (``tests/paths_child.py``), because
