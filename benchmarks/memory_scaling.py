@@ -2,26 +2,64 @@
 """Out-of-core acceptance benchmark: host memory and step time of a streamed fit against rows.
 
     python benchmarks/memory_scaling.py --workdir DIR [--sizes 1e5,1e6,1e7] [--json OUT]
-        [--prototypes 256] [--steps 3] [--ulimit-v-kib 4194304]
+        [--dtypes uint8,float32] [--prototypes 256] [--steps 3] [--ulimit-v-kib 4194304]
+        [--rss-bound 1.2] [--sample-s 0.5] [--buffers N] [--env NAME=VALUE]
 
-For each size N a synthetic Zarr store of N rows (78 key columns, 784 value columns, uint8;
-``scalemem.write_synthetic``, written chunk by chunk) is made in ``--workdir`` as
-``synthetic-N.zarr``, or reused when it is already there (a store is only published once it is
-complete, so an interrupted write leaves nothing to reuse). Then a *fresh* Python process per
-size runs ``--steps`` fit steps at P = ``--prototypes`` streamed from the store (the fit loop
+For each store dtype (``--dtypes``) and size N a synthetic Zarr store of N rows (78 key columns,
+784 value columns; ``scalemem.write_synthetic``, written chunk by chunk) is made in ``--workdir``
+as ``synthetic-N.zarr`` (uint8, 862 B a row) or ``synthetic-float32-N.zarr`` (float32, 3448 B
+a row), or reused when it is already there (a store is only published once it is complete, so
+an interrupted write leaves nothing to reuse). Then a *fresh* Python process per store runs
+``--steps`` fit steps at P = ``--prototypes`` streamed from the store (the fit loop
 ``scalemem._engine.fit_engine`` with the one engine's ``StreamedEngine`` on one device, the
 seed's settings (K₀ = 0.01·normal, Adam 5e-4), exact two-pass mode, then the final statistics
 pass, as ``scalemem.fit_source(..., residency="streamed")`` does) and reports its own peak
 resident memory (``getrusage(RUSAGE_SELF).ru_maxrss`` and ``VmHWM``), its peak virtual size
-(``VmPeak``), and the time of every step (each step is timed up to ``block_until_ready`` of its
-new keys). Step 0 compiles; seconds per step is the mean of steps 1 … steps-1 (the last two with
-``--steps 3``).
+(``VmPeak``), ``VmRSS`` sampled every ``--sample-s`` seconds by a thread of the child (min, max
+and swing over the fit and after step 0, plus every sample, in the JSON; the table shows the
+range after step 0), the read-ahead stream's host-buffer pool (``ChunkStream.buffer_stats``),
+the seconds the engine waited for blocks, and the time of every step (each step is timed up to
+``block_until_ready`` of its new keys). Step 0 compiles; seconds per step is the mean of steps
+1 … steps-1. ``--buffers N`` gives the stream N pooled host blocks (0: a new one for every
+block, the stream as it was before the pool).
 
-Acceptance (printed, and in the JSON under ``acceptance``):
+Acceptance (printed per dtype, and in the JSON under ``acceptance``):
 
-* memory independent of N: peak RSS at the largest size ≤ 1.2 × peak RSS at the smallest;
+* memory independent of N: peak RSS at the largest size ≤ ``--rss-bound`` (default 1.2) × peak
+  RSS at the smallest;
 * time linear in N: t(N_max) / (N_max/N · t(N)) ≤ 1.3 against every smaller size N ≥ 10⁵
   (smaller sizes are dominated by per-step overheads and only reported).
+
+Float32 stores (the issue "flat memory for float data too"): 2·10⁵ and 2·10⁶ rows, P = 64,
+2 steps, blocks of 4 × 4096 rows (56 MB of float32), ``prefetch`` 2, under ``ulimit -v 4 GiB``,
+run in ``benchmarks/`` on a 2-core CPU host (JAX 0.10.2, zarr 3.1.6; another job sharing the
+cores, so wall-clock times are noisy; peaks are ``ru_maxrss``, MiB)::
+
+    python memory_scaling.py --workdir /tmp/memscale --dtypes float32 --sizes 2e5,2e6 \
+        --prototypes 64 --steps 2 --rss-bound 1.1 --ulimit-v-kib 4194304 --json OUT
+    (the same with --dtypes uint8; --buffers 0 for the stream without its pool)
+
+    store    stream                       peak RSS 2e5 / 2e6    ratio   RSS after step 0, 2e6
+    float32  new host blocks (before)       686 /  799 MiB      1.165    478-793 MiB
+    float32  pool of 5 host blocks          917 /  851 MiB      0.928    647-812 MiB
+    float32  the same, run again            840 /  841 MiB      1.000    663-812 MiB
+    uint8    new host blocks (--buffers 0)  570 /  598 MiB      1.048    434-578 MiB
+    uint8    pool of 5 host blocks          542 /  540 MiB      0.995    438-498 MiB
+
+(results/memory_scaling_float32_cpu_before.json, from the code before the pool;
+results/memory_scaling_float32_cpu.json and its _repeat, results/memory_scaling_uint8_cpu.json,
+results/memory_scaling_uint8_cpu_nopool.json.) Before, every block was a new 64-byte aligned
+array, freed when its computation and the consumer were done with it: how many were alive
+varied from block to block (RSS swung by 300 MB within one fit) and the peak rose with the
+number of blocks that passed; a second run of the 2·10⁶-row float32 fit without the pool peaked
+at 969 MiB. With the pool the stream's own memory is a fixed ``prefetch + 3`` blocks (5 × 56 MB
+float32, 5 × 14 MB uint8), all in use within the first pass, and the peak no longer grows with
+N; what still moves it (±60 MiB between runs, in either direction) are the transient
+allocations of zarr's decoding and of XLA's block computations. The float32 fits peak higher
+than the smallest figures before because the pool keeps its five blocks resident while the old
+stream often had fewer alive; with 7 pooled blocks the 2·10⁶-row fit peaked at 929-945 MiB,
+with 5 at 841-851 MiB, and the engine waited for blocks as long with either (97 and 100 s of
+139 and 147 s fits: reading the store bounds it, not the buffers).
 
 ``ulimit -v`` (``--ulimit-v-kib``): each child sets ``RLIMIT_AS`` to that many KiB *before*
 importing NumPy, JAX or zarr, exactly what ``ulimit -v KIB`` does for a shell. Measured with JAX
@@ -42,9 +80,10 @@ Tighter limits: at 10⁴ rows 2 GiB still works (``VmPeak`` 1.7 GiB; larger N pe
 fit runs even under a 1 GiB limit. Not a remedy: ``ulimit -s 1024`` (fails or hangs) and
 ``XLA_FLAGS=--xla_cpu_multi_thread_eigen=false`` (still aborts at 1.5 GiB). More cores mean
 more XLA threads and arenas, so on a large host use ``MALLOC_ARENA_MAX`` under a tight
-``ulimit -v``. The stream's own memory is ``prefetch`` host blocks (default 2 × ~16384 rows ×
-862 B ≈ 28 MB) and needs no change. ``--env NAME=VALUE`` passes environment variables to the
-children.
+``ulimit -v``. (These limits were measured before the stream had its buffer pool, with P = 256
+and 3 steps, the defaults of this script.) The stream's own memory is its pool of
+``prefetch + 3`` host blocks (default 5 × 16384 rows × 862 B ≈ 70 MB for uint8, 280 MB for
+float32). ``--env NAME=VALUE`` passes environment variables to the children.
 
 The children run one after another; other load on the machine shows in the wall-clock step times
 (the load average before each child is recorded in the JSON), so CPU seconds per step (user +

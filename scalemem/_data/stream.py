@@ -217,25 +217,22 @@ class ChunkStream:
     :class:`~scalemem.DataError`: the source changed while it was being streamed.
 
     Host buffers: each block is read into one of a fixed pool of ``buffers`` 64-byte aligned
-    host blocks (Q, X and w in one allocation; allocated on first need and kept for every later
-    pass), not into new arrays: a new ~56 MB block each time (float32, 16384 rows × 862
-    columns) made the resident size swing by 300-450 MB within a fit and its peak depend on
-    how many blocks passed (``benchmarks/memory_scaling.py``). ``None`` (default) is
-    ``prefetch + 3``: the ``prefetch`` queued blocks, the one being read, the next one already
-    moved to the device, and the one being computed. A pooled block is overwritten only when
-    nothing refers to it any more: no array handed out (nor a view of one), no queue or CRC
-    check, and no device array or computation: on a CPU device ``device_put`` aliases the host
-    block instead of copying it, and XLA keeps a reference to the host array until the last
-    computation using it has finished (on an accelerator, until its copy to the device has).
-    Reference counts tell, at no cost, so nothing is copied to make the device side safe; the
-    price is that a block computation still in flight (the streamed engine keeps up to
-    ``_MAX_INFLIGHT`` = 2) keeps its buffer, and the reader waits for one to be released
-    rather than allocate (measured on 2 cores: the engine waited for blocks as long with 5
-    buffers as with 7, and peaked 80 MB lower). When every pooled block stays in use while the
-    consumer waits for the next block (it keeps blocks), the reader allocates one outside the
-    pool rather than wait forever: memory then grows with what the consumer keeps, as it did
-    without a pool. :meth:`buffer_stats` counts both; the source's ``read`` still returns new
-    arrays, copied into the pooled block and freed at once.
+    host blocks (Q, X and w in one allocation, allocated on first need and kept for later
+    passes). A new ~56 MB block each time (float32, 16384 rows × 862 columns) made the resident
+    size swing by ~300 MB within a fit and its peak grow with the number of blocks
+    (``benchmarks/memory_scaling.py``). ``None`` (default): ``prefetch + 3``, for the queued
+    blocks, the one being read, the next one already on the device and the one being computed.
+    A pooled block is refilled only when nothing refers to it: no array handed out (nor a view
+    of one), no queue or CRC check, no device array or computation. On a CPU device
+    ``device_put`` aliases the host block, and XLA holds a reference to it until the last
+    computation using it has finished (on an accelerator, until its copy to the device has), so
+    the reference count tells, at no cost, and nothing is copied. A computation still in flight
+    (the streamed engine keeps up to 2) therefore keeps its buffer and the reader waits for one;
+    measured, the engine waited for blocks no longer with 5 buffers than with 7, and peaked
+    ~80 MB lower. If every pooled block stays in use while the consumer waits for the next one
+    (it keeps blocks), the reader allocates one outside the pool instead of waiting forever
+    (counted by :meth:`buffer_stats`). The source's ``read`` still returns new arrays, copied
+    into the pooled block and freed at once.
     ``buffers=0``: a new host block for each block (no pool).
     """
 
