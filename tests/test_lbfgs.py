@@ -150,3 +150,16 @@ def test_lbfgs_streamed_equals_resident():
                                atol=1e-7)
     np.testing.assert_allclose(b.loss, a.loss, rtol=1e-9)
     assert b.passes == a.passes
+
+
+def test_the_initial_keys_search_hands_its_solve_to_lbfgs():
+    """The logit-scale search solved at the keys it picks: an L-BFGS fit starts from that solve
+    (no pass of its own for K₀), where Adam's fused step program makes its own; the search
+    itself takes a handful of passes (3 candidates, a walk, 2 refinements)."""
+    Q, X = _data(seed=7)
+    kw = dict(init="kmeans", steps=0, dtype="float64", progress=False)
+    lb = scalemem.fit(Q, X, 6, optimizer="lbfgs", **kw)
+    ad = scalemem.fit(Q, X, 6, recipe="adam", **kw)
+    assert lb.passes == ad.passes - 1
+    assert 5 <= lb.passes <= 12, lb.passes
+    np.testing.assert_array_equal(lb.loss, ad.loss)  # the same keys, the same solve

@@ -3,9 +3,12 @@ exact loss (docs/design.md, "Initial keys")."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 __all__ = ["normal_keys", "kmeans_pp", "initial_keys", "key_sample", "key_spread", "data_keys"]
 
@@ -23,6 +26,19 @@ def _sq_dists(A, C, aa=None):
     return np.maximum(aa[:, None] - 2.0 * A @ C.T + (C * C).sum(1)[None, :], 0.0)
 
 
+def _one_blas_thread(f):
+    """``f`` with NumPy's BLAS on one thread: its products here are matrix-vector sized, and a
+    pool of BLAS threads spinning against XLA's (and anything else on the cores) made them 30×
+    slower (k-means++ of 10k Fashion-MNIST keys at P = 256 on 2 busy cores: 2.5 s against
+    0.42 s on one thread)."""
+    @functools.wraps(f)
+    def wrapped(*args, **kwargs):
+        with threadpool_limits(1, user_api="blas"):
+            return f(*args, **kwargs)
+    return wrapped
+
+
+@_one_blas_thread
 def kmeans_pp(Q, P: int, *, seed: int = 0, iters: int = 10, sample: int = 20000) -> np.ndarray:
     """``P`` k-means centres of (a random sample of at most ``sample`` rows of) ``Q``: k-means++
     seeding (D² sampling) then ``iters`` Lloyd iterations; empty clusters keep their centre."""
@@ -90,7 +106,7 @@ def data_keys(final, Qs: np.ndarray, P: int, init: str, seed: int, bias: bool, d
     else:
         C = Qs[rng.choice(Qs.shape[0], P, replace=False)]
     sub = Qs[rng.choice(Qs.shape[0], min(4096, Qs.shape[0]), replace=False)]
-    d2 = _sq_dists(sub, C[:min(P, 64)]).min(1)
+    d2 = _one_blas_thread(_sq_dists)(sub, C[:min(P, 64)]).min(1)
     s2 = float(np.median(d2)) or 1.0
     losses: dict[float, float] = {}
     outs: dict[float, object] = {}
