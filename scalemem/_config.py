@@ -38,7 +38,7 @@ MAX_CLASSES = 2**16
 # from k-means++ keys; benchmarks/time_to_quality.py), "adam" the best Adam recipe (the default
 # before L-BFGS), "seed" the seed article's.
 RECIPES: dict[str, dict[str, Any]] = {
-    "fast": dict(optimizer="lbfgs", steps=20, init="kmeans", learning_rate=1e-2, relative_lr=True,
+    "fast": dict(optimizer="lbfgs", steps=15, init="kmeans", learning_rate=1e-2, relative_lr=True,
                  schedule="constant"),
     "adam": dict(optimizer="adam", steps=35, init="kmeans", learning_rate=3e-3, relative_lr=True,
                  schedule="cosine"),
@@ -129,7 +129,7 @@ class FitConfig(Validated):
                               metavar="P")
     recipe: str = setting("fast", "settings that optimizer, steps, init, learning_rate, "
                           "relative_lr and schedule take when not given: 'fast' (k-means++ keys, "
-                          "20 L-BFGS steps), 'adam' (k-means++ keys, 35 steps of cosine Adam at "
+                          "15 L-BFGS steps), 'adam' (k-means++ keys, 35 steps of cosine Adam at "
                           "3e-3 relative) or 'seed' (the seed article's: 0.01·normal keys, Adam "
                           "5e-4, 1000 steps)", choices=tuple(RECIPES), trajectory=True,
                           metavar="NAME")
@@ -149,10 +149,12 @@ class FitConfig(Validated):
                                     "line search of exact losses, about two passes over the "
                                     "rows a step) or 'adam' ('custom' in Python: an optax "
                                     "transformation passed as optimizer=) (default: the "
-                                    "recipe's)", choices=("adam", "lbfgs", "custom"),
+                                    "recipe's; with the fast recipe, 'adam' takes the adam "
+                                    "recipe's settings)", choices=("adam", "lbfgs", "custom"),
                                     trajectory=True, metavar="NAME")
     lbfgs_memory: int = setting(10, "L-BFGS: pairs of key and gradient differences kept for its "
-                                "curvature estimate", lo=1, hi=1000, trajectory=True, metavar="M")
+                                "curvature estimate (1 … 1000)", lo=1, hi=1000, trajectory=True,
+                                metavar="M")
     learning_rate: float | None = setting(None, "Adam: peak learning rate; L-BFGS: the root mean "
                                           "square of its first step (default: the recipe's)",
                                           type=float, lo=(0.0,), trajectory=True, metavar="LR")
@@ -178,7 +180,7 @@ class FitConfig(Validated):
                                   "--stats-precision)", choices=PRECISIONS, trajectory=True,
                                   metavar="PREC")
     one_pass: bool = setting(False, "streamed data: one read per step (statistics at K_t and the "
-                             "gradient at the previous step's V); implies streaming",
+                             "gradient at the previous step's V); implies streaming; Adam only",
                              trajectory=True)
     residency: str = setting("auto", "where the rows live: 'resident' (on the devices, read once), "
                              "'streamed' (read from the store every pass) or 'auto' (resident when "
@@ -202,9 +204,16 @@ class FitConfig(Validated):
                              metavar="N")
 
     def _validate(self) -> None:
-        for name, value in RECIPES[self.recipe].items():
+        # the fast recipe with optimizer 'adam' is the adam recipe (the fastest Adam settings)
+        recipe = "adam" if self.recipe == "fast" and self.optimizer == "adam" else self.recipe
+        for name, value in RECIPES[recipe].items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
+        if self.optimizer == "lbfgs" and (self.schedule != "constant" or self.warmup_steps):
+            field = "schedule" if self.schedule != "constant" else "warmup_steps"
+            raise ConfigError(field, getattr(self, field), "a learning-rate schedule is Adam's; "
+                              "L-BFGS sizes its steps by a line search (use optimizer 'adam', "
+                              "or recipe 'adam')")
         low = [f for f in ("stats_precision", "grad_precision") if getattr(self, f) != "highest"]
         if low and self.dtype != "float32":
             raise ConfigError(low[0], getattr(self, low[0]), "reduced-precision matmuls need "

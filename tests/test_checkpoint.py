@@ -171,6 +171,9 @@ def test_lbfgs_sigkill_then_resume_is_bit_identical(store, env, tmp_path):
     assert read_metadata(run)["metrics"]["loss"] == read_metadata(ref_run)["metrics"]["loss"]
     assert json.loads((run / "config.json").read_text())["optimizer"] == "lbfgs"
     assert [r["step"] for r in _metrics(run)] == list(range(steps + 1))
+    # passes count over the sessions: never backwards (a resume pays a pass more)
+    passes = [r["passes"] for r in _metrics(run)]
+    assert passes == sorted(passes) and passes[-1] >= _metrics(ref_run)[-1]["passes"], passes
 
 
 @pytest.fixture(scope="module")

@@ -163,3 +163,29 @@ def test_the_initial_keys_search_hands_its_solve_to_lbfgs():
     assert lb.passes == ad.passes - 1
     assert 5 <= lb.passes <= 12, lb.passes
     np.testing.assert_array_equal(lb.loss, ad.loss)  # the same keys, the same solve
+
+
+@pytest.mark.parametrize("lr", [1e-12, 1e9])
+def test_a_first_step_far_off_scale_is_found_not_called_convergence(lr):
+    """The first L-BFGS step is ``learning_rate`` (RMS of the key change): far too small, the
+    line search grows it until the loss notices; far too large (saturated attention, a flat
+    loss), it shrinks it tenfold a trial. Either way the fit goes on instead of stopping as
+    "converged", and in 16 steps it lowers the loss at least half as much as the default rate
+    does (measured: 96% and 136% of it; a fit stuck at its start would reach 0%)."""
+    Q, X = _data(seed=8)
+    kw = dict(optimizer="lbfgs", init="kmeans", steps=16, relative_lr=False, progress=False)
+    ref = scalemem.fit(Q, X, 6, learning_rate=1e-2, **kw)
+    res = scalemem.fit(Q, X, 6, learning_rate=lr, **kw)
+    assert not res.converged, res.stop_reason
+    assert res.loss[0] - res.loss[-1] >= 0.5 * (ref.loss[0] - ref.loss[-1]), (res.loss, ref.loss)
+
+
+def test_lbfgs_refuses_a_schedule_and_adam_takes_the_adam_recipe():
+    for field, value in (("schedule", "cosine"), ("warmup_steps", 3)):
+        with pytest.raises(ConfigError, match=field):
+            FitConfig(optimizer="lbfgs", **{field: value})
+    cfg = FitConfig(optimizer="adam")  # the fast recipe with Adam: the adam recipe's settings
+    adam = FitConfig(recipe="adam")
+    assert (cfg.steps, cfg.learning_rate, cfg.schedule) == (adam.steps, adam.learning_rate,
+                                                            adam.schedule)
+    assert FitConfig().optimizer == "lbfgs" and FitConfig(recipe="seed").optimizer == "adam"

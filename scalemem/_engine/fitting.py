@@ -50,6 +50,7 @@ class FitResult:
     state: LoopState | None = None  # the loop's final state: a checkpoint of it extends the fit
     passes: int = 0  # passes over the fit rows (initial keys, steps, final solve) in this call
     converged: bool = False  # L-BFGS ended before ``steps``: no step lowered the loss
+    stop_reason: str = ""  # why, when ``converged``
 
     @property
     def train_rmse(self) -> float:
@@ -211,7 +212,8 @@ def fit_data(source, config: FitConfig, *, optimizer: optax.GradientTransformati
                            source.value_scale)
     return FitResult(memory, res.loss, res.rmse, res.opt_state, res.seconds, res.solve_events,
                      cfg, engine.residency, res.best_step, res.validation, res.stopped_early,
-                     rows, res.state, engine.passes, res.converged)
+                     rows, res.state, engine.passes, res.converged,
+                     getattr(engine, "why", "") if res.converged else "")
 
 
 LOOP_OPTIONS = ("checkpoint", "checkpoint_every", "checkpoint_seconds", "should_stop",

@@ -33,6 +33,7 @@ class LbfgsEngine:
     def __init__(self, engine):
         self.inner = engine
         self.converged = False
+        self.why = ""  # why it converged
         self.trials: list[int] = []  # trials of each line search
         self._next: tuple | None = None  # (keys, their StepOut): the accepted trial
 
@@ -51,7 +52,10 @@ class LbfgsEngine:
         return self.inner.final(K)
 
     def _value(self, out: StepOut) -> float:
-        if not bool(out.finite):
+        """The objective at a solve, or inf where it is not to be trusted: statistics not
+        finite, or a solve that needed the eigendecomposition fallback (a numerically singular
+        Gram matrix, where the loss formula cancels catastrophically and can read 0)."""
+        if not bool(out.finite) or bool(out.info.fallback):
             return math.inf
         value = float(prog.objective(out, self.inner.ridge))
         return value if math.isfinite(value) else math.inf
@@ -69,9 +73,10 @@ class LbfgsEngine:
             return K, state, out._replace(finite=np.bool_(False))
         if slope == 0.0:  # a zero gradient: a stationary point
             self.converged = True
+            self.why = "the gradient is zero: the keys are a stationary point"
             self.trials.append(0)
             return K, new, out
-        eta = 1.0
+        eta, grow = 1.0, True
         for trial in range(1, MAX_TRIALS + 1):
             K_try = prog.lbfgs_trial(K, d, eta, spec=spec)
             out_try = self.inner.final(K_try)
@@ -80,11 +85,22 @@ class LbfgsEngine:
                 self.trials.append(trial)
                 self._next = (K_try, out_try)
                 return K_try, new, out
-            # the minimiser of the quadratic through f0, the slope and f, kept in [η/10, η/2]
+            if grow and f == f0:  # the step is below the keys' or the loss's resolution
+                eta *= 10.0
+                continue
+            grow = False
+            # the minimiser of the quadratic through f0, the slope and f, kept in [η/10, η/2];
+            # η/10 where the loss is flat that far out (saturated attention: the quadratic
+            # model would halve a step that is orders of magnitude too long)
             curve = (f - f0 - slope * eta) / (eta * eta) if math.isfinite(f) else math.inf
-            eta = min(max(-slope / (2.0 * curve), 0.1 * eta), 0.5 * eta) if curve > 0 \
-                else 0.1 * eta
+            flat = math.isfinite(f) and f - f0 < -0.01 * slope * eta
+            eta = 0.1 * eta if flat or not curve > 0 else \
+                min(max(-slope / (2.0 * curve), 0.1 * eta), 0.5 * eta)
         self.trials.append(MAX_TRIALS)
         if int(jax.device_get(new.newest)) < 0:  # it was a steepest-descent direction
             self.converged = True
+            self.why = (f"{MAX_TRIALS} trial steps along the gradient, down to {eta:.2g} × "
+                        "its first, lowered nothing: the keys are a minimum to the precision "
+                        "of the loss (with float32 products --dtype float64 may go further), "
+                        "or --learning-rate, the first step's size, is far off scale")
         return K, prog.lbfgs_restart(new, spec=spec), out

@@ -205,7 +205,7 @@ def fit_engine(engine, K0, optimizer, *, steps: int, opt_state=None, start_step:
     stopped_early = validation is not None and validation.stop
     end = len(losses)  # steps done: the final keys are K_end
     if converged and note is not None:
-        note(f"converged at step {end} of {steps}: no step along the gradient lowers the loss")
+        note(f"stopped at step {end} of {steps}: {getattr(engine, 'why', '') or 'converged'}")
     if not stopped_early and note is not None:
         note(f"final pass: V solved at the keys of step {end}")
     last = None if stopped_early else read(end, engine.final(K), K)

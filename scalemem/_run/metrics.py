@@ -84,10 +84,8 @@ class MetricsWriter(contextlib.AbstractContextManager):
     ``seconds_offset`` is the wall time of earlier sessions of the same run. A failed write (a
     full disk) is a :class:`CheckpointError` naming the file and the step (``error.step``)."""
 
-    def __init__(self, path: str | os.PathLike, seconds_offset: float = 0.0,
-                 passes_offset: int = 0):
+    def __init__(self, path: str | os.PathLike, seconds_offset: float = 0.0):
         self.path, self.seconds_offset = Path(path), float(seconds_offset)
-        self.passes_offset = int(passes_offset)
         try:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         except OSError as e:
@@ -101,7 +99,7 @@ class MetricsWriter(contextlib.AbstractContextManager):
                "seconds": round(self.seconds_offset + float(report.seconds), 6),
                "rows_per_s": None if rows_per_s is None else float(rows_per_s)}
         if getattr(report, "passes", None) is not None:
-            rec["passes"] = self.passes_offset + int(report.passes)
+            rec["passes"] = int(report.passes)
         for k, v in (getattr(report, "val", None) or {}).items():  # validation at this step
             rec[f"val_{k}"] = float(v)
         data = (json.dumps(rec) + "\n").encode()

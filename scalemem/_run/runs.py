@@ -4,6 +4,7 @@ on SIGINT/SIGTERM: docs/design.md, "Run folders")."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import threading
@@ -215,13 +216,14 @@ def _fit(record, fitc, runc, run, source, fingerprint, manager, ckpt, say, bar,
     start = None if ckpt is None else LoopState(
         ckpt.step, ckpt.K, lambda template: restore_opt_state(ckpt, template), ckpt.loss,
         ckpt.rmse, ckpt.validation)
-    metrics_cm = (MetricsWriter(run / METRICS_FILE, seconds_offset=offset,
-                                passes_offset=passes[0]) if writer
+    metrics_cm = (MetricsWriter(run / METRICS_FILE, seconds_offset=offset) if writer
                   else contextlib.nullcontext(lambda report: None))
     failed: list[CheckpointError] = []  # metrics.jsonl could not be appended (a full disk)
     with metrics_cm as metrics, _signals_caught() as caught:
         def callback(report):
             passes[1] = report.passes or 0
+            if report.passes is not None:  # counted over the run's sessions
+                report = dataclasses.replace(report, passes=passes[0] + report.passes)
             if not failed:
                 try:
                     metrics(report)
@@ -254,6 +256,7 @@ def _fit(record, fitc, runc, run, source, fingerprint, manager, ckpt, say, bar,
                   "train_rmse": res.train_rmse, "seconds": seconds,
                   "solve_events": int(res.solve_events), "residency": res.residency,
                   "optimizer": fitc.optimizer, "passes": passes[0] + int(res.passes),
+                  "converged": bool(res.converged), "steps_run": len(res.loss) - 1,
                   "resumed_from": None if ckpt is None else ckpt.step}
         if res.validation is not None:
             best = res.best_step if res.best_step is not None else res.validation[-1]["step"]
@@ -278,7 +281,8 @@ def _fit(record, fitc, runc, run, source, fingerprint, manager, ckpt, say, bar,
     val = (f", validation RMSE {result['val_rmse']:.6g} (kept step {result['best_step']}"
            f"{', stopped early at ' + str(result['steps_run']) if res.stopped_early else ''})"
            if res.validation is not None else "")
-    conv = f" (converged at step {len(res.loss) - 1})" if res.converged else ""
+    conv = (f" (stopped at step {len(res.loss) - 1}: {res.stop_reason})" if res.converged
+            else "")
     say(f"fit {fitc.steps} steps{conv}: loss {result['loss']:.6g}, train RMSE {result['train_rmse']:.6g}"
         f"{val}, {seconds:.1f} s, {result['passes']} passes over the {res.residency} rows; "
         f"model {run / MODEL_FILE}")
