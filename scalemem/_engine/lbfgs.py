@@ -68,6 +68,9 @@ class LbfgsEngine:
             return K, state, out._replace(finite=np.bool_(False))
         g = self.inner.grad(K, out.V)
         d, slope, new = prog.lbfgs_step_direction(state, K, g, spec=spec)
+        if not float(slope) < 0:  # not a descent direction: restart from an empty memory
+            d, slope, new = prog.lbfgs_step_direction(prog.lbfgs_restart(state, spec=spec), K, g,
+                                                      spec=spec)
         slope = float(slope)
         if not math.isfinite(slope):
             return K, state, out._replace(finite=np.bool_(False))

@@ -239,13 +239,8 @@ def init_state(K, lr_factor=1.0, *, spec: Spec):
 
 @functools.partial(jax.jit, static_argnames=("spec",))
 def lbfgs_step_direction(state: LbfgsState, K, grad, *, spec: Spec):
-    """``(d, slope, state)`` of :func:`~scalemem._core.lbfgs.lbfgs_direction`, replicated; a
-    direction that is not a descent direction (``slope`` ≥ 0) restarts from an empty memory."""
-    d, slope, new = lbfgs_direction(state, K, grad)
-    d0, slope0, new0 = lbfgs_direction(lbfgs_reset(state), K, grad)
-    bad = ~(slope < 0)
-    pick = lambda a, b: jnp.where(bad, b, a)  # noqa: E731
-    return _replicated(spec, (pick(d, d0), pick(slope, slope0), jax.tree.map(pick, new, new0)))
+    """``(d, slope, state)`` of :func:`~scalemem._core.lbfgs.lbfgs_direction`, replicated."""
+    return _replicated(spec, lbfgs_direction(state, K, grad))
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))

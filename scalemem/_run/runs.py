@@ -73,8 +73,8 @@ def open_data(store, keys=None, values=None, rows=None, *, labels: bool = False,
 
 
 def enable_compile_cache() -> None:
-    """Turn on JAX's persistent compilation cache (programs that took at least 0.2 s to compile)
-    in ``$SCALEMEM_CACHE_DIR``, else ``scalemem/jax`` in the user cache folder
+    """Turn on JAX's persistent compilation cache (every program: reading a small one back
+    takes milliseconds, compiling it tens of them, and a fit runs a dozen) in ``$SCALEMEM_CACHE_DIR``, else ``scalemem/jax`` in the user cache folder
     (``$XDG_CACHE_HOME``, else ``~/.cache``), so a repeated or resumed run skips compiling them."""
     if os.environ.get("SCALEMEM_CACHE_DIR"):
         path = Path(os.environ["SCALEMEM_CACHE_DIR"]).expanduser()
@@ -85,7 +85,7 @@ def enable_compile_cache() -> None:
     except OSError:  # an unwritable cache only costs compile time
         return
     jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def fit_run(cfg: dict, *, resume: bool = False, say: Callable[[str], None] = print,
