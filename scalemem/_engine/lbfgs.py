@@ -63,9 +63,9 @@ class LbfgsEngine:
     def step(self, K, state):
         spec = self.inner.spec
         out = self.final(K)
-        f0 = self._value(out)
-        if not math.isfinite(f0):  # not finite data (the loop locates it)
-            return K, state, out._replace(finite=np.bool_(False))
+        if not bool(out.finite):  # not finite data (the loop locates it)
+            return K, state, out
+        f0 = self._value(out)  # inf after the eigen fallback: any trusted trial is better
         g = self.inner.grad(K, out.V)
         d, slope, new = prog.lbfgs_step_direction(state, K, g, spec=spec)
         if not float(slope) < 0:  # not a descent direction: restart from an empty memory
