@@ -79,6 +79,24 @@ def _wait_for_step(proc: subprocess.Popen, run: Path, step: int, timeout: float 
         time.sleep(0.003)
 
 
+def _kill_chain(store, flags, run: Path, targets, env) -> list[int]:
+    """A fit of ``flags`` into ``run`` SIGKILLed once it has logged each of ``targets`` (the
+    first started fresh, the others by ``fit --resume``); the last step logged before each kill."""
+    killed_at: list[int] = []
+    for i, target in enumerate(targets):
+        cmd = (_scalemem("fit", store, *flags, "--out", run) if i == 0
+               else _scalemem("fit", "--resume", run, "--quiet"))
+        proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
+        # lines up to the previous kill may still be in the file: wait for a newer step
+        _wait_for_step(proc, run, max([target] + [k + 1 for k in killed_at]))
+        proc.send_signal(signal.SIGKILL)
+        _, err = proc.communicate()
+        assert proc.returncode == -signal.SIGKILL, err.decode()
+        assert not (run / "model.npz").exists(), f"the fit finished before the kill at {target}"
+        killed_at.append(_metrics(run)[-1]["step"])  # the last step logged before it died
+    return killed_at
+
+
 def test_sigkill_at_five_random_steps_then_resume_is_bit_identical(store, env, tmp_path):
     """Five SIGKILLs at random steps, then a SIGTERM (a clean stop: exit status 143, a
     checkpoint, the resume command on stderr), each followed by `fit --resume`: K, V and the
@@ -89,18 +107,7 @@ def test_sigkill_at_five_random_steps_then_resume_is_bit_identical(store, env, t
     rng = np.random.default_rng(20261127)
     # 5 distinct steps, at least 15 steps before the end so every kill lands inside the fit
     targets = sorted(rng.choice(np.arange(2, STEPS - 15), size=5, replace=False).tolist())
-    killed_at = []
-    for i, target in enumerate(targets):
-        cmd = (_scalemem("fit", store, *FIT, "--out", run) if i == 0
-               else _scalemem("fit", "--resume", run, "--quiet"))
-        proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
-        # lines up to the previous kill may still be in the file: wait for a newer step
-        _wait_for_step(proc, run, max([target] + [k + 1 for k in killed_at]))
-        proc.send_signal(signal.SIGKILL)
-        _, err = proc.communicate()
-        assert proc.returncode == -signal.SIGKILL, err.decode()
-        assert not (run / "model.npz").exists(), f"the fit finished before the kill at {target}"
-        killed_at.append(_metrics(run)[-1]["step"])  # the last step logged before it died
+    killed_at = _kill_chain(store, FIT, run, targets, env)
     assert len(set(killed_at)) == 5 and killed_at[-1] < STEPS - 4, killed_at
 
     # SIGTERM: the handler sets a flag, the loop writes a checkpoint and stops
@@ -150,17 +157,7 @@ def test_lbfgs_sigkill_then_resume_is_bit_identical(store, env, tmp_path):
     ref = subprocess.Popen(_scalemem("fit", store, *flags, "--out", ref_run), env=env)
     rng = np.random.default_rng(20261205)
     targets = sorted(rng.choice(np.arange(3, steps - 10), size=2, replace=False).tolist())
-    killed_at = []
-    for i, target in enumerate(targets):
-        cmd = (_scalemem("fit", store, *flags, "--out", run) if i == 0
-               else _scalemem("fit", "--resume", run, "--quiet"))
-        proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
-        _wait_for_step(proc, run, max([target] + [k + 1 for k in killed_at]))
-        proc.send_signal(signal.SIGKILL)
-        _, err = proc.communicate()
-        assert proc.returncode == -signal.SIGKILL, err.decode()
-        assert not (run / "model.npz").exists(), f"the fit finished before the kill at {target}"
-        killed_at.append(_metrics(run)[-1]["step"])
+    _kill_chain(store, flags, run, targets, env)
     done = subprocess.run(_scalemem("fit", "--resume", run, "--quiet"), env=env,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
