@@ -15,7 +15,7 @@ import pytest
 
 import scalemem
 from scalemem._data import READER_THREAD_NAME, ArraySource, ChunkStream
-from scalemem._data import stream as stream_mod
+from scalemem._data import buffers as buffers_mod
 from scalemem._engine import engines
 
 
@@ -49,7 +49,7 @@ def _check(block, Q, X, stream):
 def test_host_block_is_in_use_while_anything_refers_to_it():
     parts = (((64, 5), np.dtype(np.float32)), ((64, 7), np.dtype(np.uint8)),
              ((64,), np.dtype(np.float32)))
-    hb = stream_mod._HostBlock(parts)
+    hb = buffers_mod.HostBlock(parts)
     assert not hb.in_use()
     Q, X, w = hb.arrays()
     assert all(a.ctypes.data % 64 == 0 and a.flags.c_contiguous for a in (Q, X, w))
@@ -69,7 +69,7 @@ def test_host_block_is_in_use_while_anything_refers_to_it():
     r = jnp.sum(d * 2)
     del d
     r.block_until_ready()
-    stream_mod._collect_garbage()  # what the pool does before it waits
+    buffers_mod._collect_garbage()  # what the pool does before it waits
     assert not hb.in_use()
 
 
@@ -113,7 +113,7 @@ def test_sliding_window_consumer_sees_right_rows(window):
             _check(b, Q, X, stream)
         del kept, b
     st = stream.buffer_stats()
-    assert st["capacity"] == 2 + stream_mod._SPARE_BUFFERS
+    assert st["capacity"] == 2 + buffers_mod.SPARE_BUFFERS
     assert st["allocated"] <= st["capacity"]  # 3 passes of 60 blocks in at most 5 buffers
     if window == 1:
         assert st["extra"] == 0  # a consumer that lets go of its blocks never needs more

@@ -16,7 +16,7 @@ from .source import Closable, Source
 from .stores import DictStore, HDF5Store, Store, ZarrStore, check_missing_chunks, store_format
 from .views import View, columns_from_end, parse_view, row_range
 
-__all__ = ["ArraySource", "HDF5Source", "ZarrSource", "open_source", "aligned_empty",
+__all__ = ["ArraySource", "HDF5Source", "ZarrSource", "open_source", "aligned_empty", "ALIGN",
            "is_aligned"]
 
 
@@ -90,7 +90,7 @@ def _index_array(store: Store, name: str, n: int, field: str, view: View) -> np.
     return idx.astype(np.intp)
 
 
-_ALIGN = 64  # bytes; see aligned_empty
+ALIGN = 64  # bytes; see aligned_empty
 
 
 def aligned_empty(shape, dtype) -> np.ndarray:
@@ -100,15 +100,15 @@ def aligned_empty(shape, dtype) -> np.ndarray:
     aligned."""
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    buf = np.empty(nbytes + _ALIGN, np.uint8)
-    off = (-buf.ctypes.data) % _ALIGN
+    buf = np.empty(nbytes + ALIGN, np.uint8)
+    off = (-buf.ctypes.data) % ALIGN
     return buf[off:off + nbytes].view(dtype).reshape(shape)
 
 
 def is_aligned(a: np.ndarray) -> bool:
     """Whether ``a`` is C-contiguous and starts on a 64-byte boundary (see
     :func:`aligned_empty`)."""
-    return a.flags.c_contiguous and a.ctypes.data % _ALIGN == 0
+    return a.flags.c_contiguous and a.ctypes.data % ALIGN == 0
 
 
 def _take(block: np.ndarray, cols) -> np.ndarray:

@@ -13,13 +13,28 @@ import math
 import jax
 import numpy as np
 
-from .._core import StepOut
+from .._core import ILL_CONDITIONED, StepOut
 from . import programs as prog
 
 __all__ = ["LbfgsEngine", "ARMIJO", "MAX_TRIALS"]
 
 ARMIJO = 1e-4  # sufficient decrease: f(K + ηd) ≤ f(K) + ARMIJO·η·gᵀd (Nocedal & Wright's c₁)
 MAX_TRIALS = 20  # trials of one line search (a step of 0.1²⁰ is below any float's resolution)
+
+
+def _stall_cause(K, out: StepOut) -> str:
+    """Why a line search along the gradient found no decrease, for the stop reason."""
+    cond = float(out.info.condition)
+    if np.dtype(K.dtype).itemsize < 8 and (bool(out.info.fallback) or cond > ILL_CONDITIONED):
+        # float32 statistics round at ~1e-7 and the solve amplifies it by up to cond: the loss
+        # and gradient are then too inexact to descend (docs/design.md, "L-BFGS")
+        return (f"the Gram matrix is numerically singular (condition ~{cond:.1e}), past what "
+                "float32 products resolve: the loss and the gradient of the keys are not "
+                "accurate enough to descend further; --dtype float64 computes them exactly "
+                "(or a larger --ridge)")
+    return ("the keys are a minimum to the precision of the loss (with float32 products "
+            "--dtype float64 may go further), or --learning-rate, the first step's size, is "
+            "far off scale")
 
 
 class LbfgsEngine:
@@ -103,7 +118,5 @@ class LbfgsEngine:
         if int(jax.device_get(new.newest)) < 0:  # it was a steepest-descent direction
             self.converged = True
             self.why = (f"{MAX_TRIALS} trial steps along the gradient, down to {eta:.2g} × "
-                        "its first, lowered nothing: the keys are a minimum to the precision "
-                        "of the loss (with float32 products --dtype float64 may go further), "
-                        "or --learning-rate, the first step's size, is far off scale")
+                        "its first, lowered nothing: " + _stall_cause(K, out))
         return K, prog.lbfgs_restart(new, spec=spec), out

@@ -108,15 +108,23 @@ class FitInterrupted(Exception):
         super().__init__(f"fit stopped after step {state.step}")
 
 
-def _warn_solve(step: int, info) -> None:
+def _warn_solve(step: int, info, dtype) -> None:
     what = ("needed the eigendecomposition fallback" if bool(info.fallback)
             else f"needed diagonal jitter {float(info.jitter):.3g} beyond the ridge"
             if float(info.jitter) > 0 else "is close to singular")
+    # the statistics' products round at the compute dtype's unit (≈6e-8 in float32) and the
+    # solve amplifies that by up to the condition number: far above 1/u₃₂ the float32 V, loss
+    # and key gradient can be wrong altogether (measured: gradient 280× off at 1.2e10)
+    low = np.dtype(dtype).itemsize < 8
     warnings.warn(
         f"step {step}: the solve for V {what} (condition number ~{float(info.condition):.1e}, "
         f"backward error {float(info.backward_error):.1e}): the Gram matrix G + λI is "
         "numerically singular (duplicate or unused prototypes, or a ridge too small for the "
-        "data). V is finite; a larger ridge removes this warning.", NumericsWarning, stacklevel=4)
+        "data). V is finite; a larger ridge removes this warning."
+        + (" With float32 products the statistics round at ~1e-7, so V, the loss and the "
+           "gradient of the keys may be wrong by far more than that here: dtype float64 "
+           "(--dtype float64) computes them exactly." if low else ""),
+        NumericsWarning, stacklevel=4)
 
 
 def fit_engine(engine, K0, optimizer, *, steps: int, opt_state=None, start_step: int = 0,
@@ -153,7 +161,7 @@ def fit_engine(engine, K0, optimizer, *, steps: int, opt_state=None, start_step:
             raise engine.locate_nonfinite()
         if out.info.needs_attention:
             if events == 0:
-                _warn_solve(t, out.info)
+                _warn_solve(t, out.info, K_t.dtype)
             events += 1
         loss = float(out.loss)
         losses.append(loss)
