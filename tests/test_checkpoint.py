@@ -314,3 +314,33 @@ def test_sigint_writes_a_checkpoint_and_says_how_to_resume(store, short_run, tmp
     err = capsys.readouterr().err
     assert "SIGINT received" in err and f"scalemem fit --resume {run}" in err
     assert CheckpointManager(run / "checkpoints").latest().step >= 3
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_before_the_first_step_stops_at_once(store, tmp_path, capsys, monkeypatch, sig):
+    """A signal during the initial keys (here: raised inside k-means) stops the fit there, with
+    nothing to checkpoint, instead of waiting for the first step; the run then starts again by
+    ``--resume``."""
+    from scalemem._engine import init
+
+    run = tmp_path / "run"
+    calls = []
+    kmeans = init.kmeans_pp
+
+    def signalled(*args, **kwargs):
+        calls.append(1)
+        os.kill(os.getpid(), sig)
+        return kmeans(*args, **kwargs)
+
+    monkeypatch.setattr(init, "kmeans_pp", signalled)
+    flags = ["--rows", "fit", "--prototypes", "4", "--steps", "3", "--quiet", NO_CACHE]
+    rc = cli.main(["fit", str(store), *flags, "--out", str(run)])
+    assert calls and rc == 128 + sig
+    err = capsys.readouterr().err
+    assert (f"{signal.Signals(sig).name} received before the first step" in err
+            and f"scalemem fit --resume {run}" in err), err
+    assert not (run / "metrics.jsonl").is_file() or not _metrics(run)
+    assert CheckpointManager(run / "checkpoints").latest(warn=False) is None
+    monkeypatch.setattr(init, "kmeans_pp", kmeans)
+    assert cli.main(["fit", "--resume", str(run), "--quiet", NO_CACHE]) == 0
+    assert (run / "model.npz").is_file()

@@ -244,6 +244,12 @@ def test_duplicate_prototypes_with_zero_ridge():
     # 1e-4: the float32 fit's statistics carry ~1e-7 relative rounding, which a rank-deficient
     # Gram matrix amplifies in V but hardly in the loss
     assert res.loss[-1] <= l_best * (1 + 1e-4)
+    # the warning of a float32 fit points to float64 products; a float64 fit's does not
+    assert "--dtype float64" in str(rec[0].message)
+    with pytest.warns(NumericsWarning) as rec64:
+        scalemem.fit(Q, X, 6, steps=1, ridge=0.0, init=K0, learning_rate=1e-2, recipe="seed",
+                     dtype="float64")
+    assert "--dtype float64" not in str(rec64[0].message)
 
 
 # ---- huge logits ------------------------------------------------------------------------------

@@ -32,9 +32,10 @@ def _stall_cause(K, out: StepOut) -> str:
                 "float32 products resolve: the loss and the gradient of the keys are not "
                 "accurate enough to descend further; --dtype float64 computes them exactly "
                 "(or a larger --ridge)")
-    return ("the keys are a minimum to the precision of the loss (with float32 products "
-            "--dtype float64 may go further), or --learning-rate, the first step's size, is "
-            "far off scale")
+    what = ("of float32 products (--dtype float64 may go further)"
+            if np.dtype(K.dtype).itemsize < 8 else "of the loss")
+    return (f"the keys are a minimum to the precision {what}, or --learning-rate, the first "
+            "step's size, is far off scale")
 
 
 class LbfgsEngine:

@@ -19,7 +19,7 @@ from .._errors import ConfigError, ScalememError
 from . import commands
 from .options import (EvalConfig, FashionMNISTConfig, FitSession, PredictConfig,
                       ReproduceConfig, Session, SyntheticConfig)
-from .runs import CONFIG_FILE, RunInterrupted, saved_config, to_json
+from .runs import CONFIG_FILE, InterruptedEarly, RunInterrupted, saved_config, to_json
 
 __all__ = ["main", "build_parser", "resolve", "COMMANDS", "Command"]
 
@@ -251,9 +251,12 @@ def main(argv: list[str] | None = None) -> int:
             print(to_json({"error": type(e).__name__, "message": str(e),
                               "field": getattr(e, "field", None)}), flush=True)
         return 2
-    except KeyboardInterrupt:
-        print(f"scalemem {cmd.key}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        what = (f"{e} (the data check or the initial keys), nothing saved yet; start it again "
+                f"with: {e.resume}" if isinstance(e, InterruptedEarly) and e.resume
+                else "interrupted")
+        print(f"scalemem {cmd.key}: {what}", file=sys.stderr)
+        return 128 + getattr(e, "signum", signal.SIGINT)
     if json_out:
         print(to_json(result), flush=True)
     return 0

@@ -27,7 +27,7 @@ from .folders import (CHECKPOINT_DIR, CONFIG_FILE, EVAL_FILE, RUN_FORMAT, absolu
                       saved_config, to_json, write_json)
 from .metrics import METRICS_FILE, MetricsWriter, truncate_metrics
 
-__all__ = ["RunInterrupted", "fit_run", "default_out", "open_data", "saved_config", "write_json",
+__all__ = ["RunInterrupted", "InterruptedEarly", "fit_run", "default_out", "open_data", "saved_config", "write_json",
            "absolute", "is_run_folder", "to_json", "CONFIG_FILE", "EVAL_FILE", "RUN_FORMAT",
            "enable_compile_cache"]
 
@@ -46,14 +46,32 @@ class RunInterrupted(Exception):
                          f"{checkpoint}. Continue with: {resume}")
 
 
+class InterruptedEarly(KeyboardInterrupt):
+    """SIGINT/SIGTERM before the fit's first step (the data check, the initial keys): there is
+    nothing to checkpoint, so the fit stops at once; ``signum`` is the signal."""
+
+    def __init__(self, signum: int):
+        self.signum = int(signum)
+        self.resume: str | None = None  # the command that starts the run again, once known
+        super().__init__(f"{signal.Signals(signum).name} received before the first step")
+
+
 @contextlib.contextmanager
-def _signals_caught():
-    """SIGINT/SIGTERM handlers that only append the signal to the yielded list (the fit loop
-    polls it); the old handlers are back on exit."""
+def _signals_caught(started: list):
+    """SIGINT/SIGTERM handlers for a fit: before anything is in ``started`` (the first step's
+    report) they raise :class:`InterruptedEarly`; after it they only append the signal to the
+    yielded list, which the fit loop polls between steps (it then checkpoints and stops). The
+    old handlers are back on exit."""
     caught, old = [], {}
+
+    def handler(signum, frame):
+        caught.append(signum)
+        if not started:
+            raise InterruptedEarly(signum)
+
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
-            old[sig] = signal.signal(sig, lambda signum, frame: caught.append(signum))
+            old[sig] = signal.signal(sig, handler)
     try:
         yield caught
     finally:
@@ -219,8 +237,10 @@ def _fit(record, fitc, runc, run, source, fingerprint, manager, ckpt, say, bar,
     metrics_cm = (MetricsWriter(run / METRICS_FILE, seconds_offset=offset) if writer
                   else contextlib.nullcontext(lambda report: None))
     failed: list[CheckpointError] = []  # metrics.jsonl could not be appended (a full disk)
-    with metrics_cm as metrics, _signals_caught() as caught:
+    started: list = []
+    with metrics_cm as metrics, _signals_caught(started) as caught:
         def callback(report):
+            started.append(True)
             passes[1] = report.passes or 0
             if report.passes is not None:  # counted over the run's sessions
                 report = dataclasses.replace(report, passes=passes[0] + report.passes)
@@ -238,6 +258,9 @@ def _fit(record, fitc, runc, run, source, fingerprint, manager, ckpt, say, bar,
                            checkpoint_seconds=runc.checkpoint_seconds or None,
                            should_stop=lambda: bool(caught or failed), validation=validation,
                            note=bar.note if bar.enabled else None)
+        except InterruptedEarly as e:
+            e.resume = f"scalemem fit --resume {run}"  # config.json is written, no checkpoint
+            raise
         except FitInterrupted as e:
             state = e.state
             if writer and manager.last_saved != state.step:
