@@ -57,12 +57,15 @@ def kmeans_pp(Q, P: int, *, seed: int = 0, iters: int = 10, sample: int = 20000)
         C[p] = Q[i]
         np.minimum(d2, _sq_dists(Q, C[p:p + 1], aa)[:, 0], out=d2)
     for _ in range(iters):
-        lab = np.argmin(_sq_dists(Q, C, aa), axis=1)
+        # nearest centre: argmin of ‖c‖² − 2 q·c (‖q‖² is the same for every centre); the
+        # members' sums by one segmented sum over the rows sorted by centre (np.add.at took 7 ms
+        # an iteration here, 10k Fashion-MNIST keys at P = 256)
+        lab = np.argmin((C * C).sum(1)[None, :] - 2.0 * (Q @ C.T), axis=1)
         cnt = np.bincount(lab, minlength=P)
-        sums = np.zeros_like(C)
-        np.add.at(sums, lab, Q)
         nz = cnt > 0
-        C[nz] = sums[nz] / cnt[nz, None]
+        starts = np.cumsum(cnt) - cnt
+        sums = np.add.reduceat(Q[np.argsort(lab, kind="stable")], starts[nz], axis=0)
+        C[nz] = sums / cnt[nz, None]
     return C
 
 
