@@ -394,3 +394,27 @@ def test_metrics_lines(tmp_path):
                        "rows_per_s": 2000.0}
     assert [r["step"] for r in truncate_metrics(tmp_path / "metrics.jsonl", 2)] == [0, 1]
     assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1]
+
+
+def test_a_numerics_warning_is_one_line_without_python_source(store, tmp_path, capsys,
+                                                               monkeypatch):
+    """Duplicate initial keys and no ridge make the Gram matrix singular: the CLI says so in one
+    ``scalemem fit: warning: …`` line on stderr, not with the Python line that warned."""
+    from scalemem._engine import init
+
+    kmeans = init.kmeans_pp
+
+    def duplicated(Q, P, **kw):
+        C = kmeans(Q, P, **kw)
+        C[1] = C[0]
+        return C
+
+    monkeypatch.setattr(init, "kmeans_pp", duplicated)
+    rc = cli.main(["fit", str(store), "--rows", "fit", "--prototypes", "16", "--steps", "2",
+                   "--ridge", "0", "--out", str(tmp_path / "run"), "--no-compile-cache",
+                   "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 0
+    lines = [line for line in err.splitlines() if "warning" in line]
+    assert lines and lines[0].startswith("scalemem fit: warning: step 0: the solve for V"), err
+    assert "fit_engine(" not in err and "NumericsWarning" not in err, err

@@ -5,17 +5,19 @@ status: docs/design.md, "The command line"."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import signal
 import sys
 import threading
 import tomllib
+import warnings
 from typing import Any, Callable
 
 from .. import __version__
 from .._config import DataConfig, FitConfig, RunConfig, check_value
-from .._errors import ConfigError, ScalememError
+from .._errors import ConfigError, NumericsWarning, ScalememError
 from . import commands
 from .options import (EvalConfig, FashionMNISTConfig, FitSession, PredictConfig,
                       ReproduceConfig, Session, SyntheticConfig)
@@ -216,6 +218,25 @@ def _printer(cfg: dict) -> Callable[..., None]:
     return say
 
 
+@contextlib.contextmanager
+def _warnings_shown_as(prefix: str):
+    """scalemem's own warnings (NumericsWarning) printed as one ``PREFIX: warning: …`` line on
+    stderr, not with the Python source line that raised them; others as Python shows them."""
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, NumericsWarning):
+            print(f"{prefix}: warning: {message}", file=sys.stderr, flush=True)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = default
+
+
 def main(argv: list[str] | None = None) -> int:
     # The LAPACK calls of a step are small P×P factorisations: one BLAS thread beats a pool whose
     # threads spin against XLA's. SciPy's OpenBLAS, which JAX's CPU LAPACK kernels use, is loaded
@@ -239,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGINT, signal.default_int_handler)
         cfg = resolve(cmd, given)
         json_out = bool(cfg.get("json"))
-        result = cmd.run(cfg, _printer(cfg))
+        with _warnings_shown_as(f"scalemem {cmd.key}"):
+            result = cmd.run(cfg, _printer(cfg))
     except RunInterrupted as e:
         print(f"scalemem {cmd.key}: {e}", file=sys.stderr, flush=True)
         if json_out:
