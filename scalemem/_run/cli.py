@@ -5,6 +5,7 @@ status: docs/design.md, "The command line"."""
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import dataclasses
 import os
@@ -282,3 +283,25 @@ def main(argv: list[str] | None = None) -> int:
     if json_out:
         print(to_json(result), flush=True)
     return 0
+
+
+def console() -> None:
+    """The ``scalemem`` command (and ``python -m scalemem``): :func:`main`, then a quick exit
+    with its status. Tearing the interpreter down (every module, XLA's client and its thread
+    pools) took ~0.35 s after a 4-second fit on a CPU, 8% of the command; the exit handlers
+    still run (``jax.distributed`` shutdown, logging), the output is flushed, and every file a
+    command writes is complete (written atomically) before ``main`` returns. An exception
+    from ``main`` (a usage error, a bug) exits the ordinary way."""
+    code = main()
+    run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)  # CPython; else exit normally
+    if run_exit_handlers is None:
+        raise SystemExit(code)
+    try:
+        run_exit_handlers()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe or stream: nothing more to say
+                pass
+        os._exit(code)
