@@ -344,3 +344,27 @@ def test_a_signal_before_the_first_step_stops_at_once(store, tmp_path, capsys, m
     monkeypatch.setattr(init, "kmeans_pp", kmeans)
     assert cli.main(["fit", "--resume", str(run), "--quiet", NO_CACHE]) == 0
     assert (run / "model.npz").is_file()
+
+
+def test_a_signal_during_the_data_check_stops_with_a_message(store, tmp_path, capsys,
+                                                             monkeypatch):
+    """SIGINT while the data are checked (before the run folder holds anything): the fit stops
+    there with a message and, under --json, a JSON object; nothing is written."""
+    from scalemem._run import runs
+
+    fingerprint = runs.data_fingerprint
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return fingerprint(*args, **kwargs)
+
+    monkeypatch.setattr(runs, "data_fingerprint", signalled)
+    run = tmp_path / "run"
+    rc = cli.main(["fit", str(store), "--rows", "fit", "--prototypes", "4", "--steps", "3",
+                   "--out", str(run), "--json", "--quiet", NO_CACHE])
+    assert rc == 130
+    cap = capsys.readouterr()
+    assert "SIGINT received before the first step" in cap.err and "run the same command" in cap.err
+    out = json.loads(cap.out)
+    assert out["interrupted"] and out["signal"] == "SIGINT" and out["step"] is None
+    assert not (run / "config.json").exists()

@@ -160,6 +160,8 @@ rows = "test"
     rc, res, _ = _json_run(capsys, ["fit", "--config", str(toml), "--learning-rate", "0.05",
                                     "--out", str(tmp_path / "r"), "--json"])
     assert rc == 0 and res["steps"] == 7
+    # an L-BFGS fit that ran its steps: not converged, and no stop reason (null, not "")
+    assert res["optimizer"] == "lbfgs" and (res["converged"], res["stop_reason"]) == (False, None)
     saved = json.loads((tmp_path / "r" / "config.json").read_text())
     assert (saved["steps"], saved["prototypes"], saved["learning_rate"],
             saved["chunks_per_block"]) == (7, 16, 0.05, 2)
@@ -418,3 +420,23 @@ def test_a_numerics_warning_is_one_line_without_python_source(store, tmp_path, c
     lines = [line for line in err.splitlines() if "warning" in line]
     assert lines and lines[0].startswith("scalemem fit: warning: step 0: the solve for V"), err
     assert "fit_engine(" not in err and "NumericsWarning" not in err, err
+
+
+def test_a_closed_stdout_is_no_traceback_and_loses_no_model(store, tmp_path):
+    """``scalemem fit … --json | true``: the reader is gone before the result is printed. The
+    fit completes and saves its model, the exit status is 141 (a Unix tool ended by SIGPIPE),
+    and there is no traceback; without --json the messages are dropped and the status is 0."""
+    import subprocess
+    import sys
+
+    for json_flag, want in (["--json"], 141), ([], 0):
+        run = tmp_path / f"run{len(json_flag)}"
+        flags = [f for f in FIT if f != "--quiet"]  # messages too, on stdout without --json
+        p = subprocess.Popen([sys.executable, "-m", "scalemem", "fit", str(store), *flags,
+                              "--steps", "2", "--out", str(run), *json_flag],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        p.stdout.close()  # the reader leaves at once
+        err = p.stderr.read().decode()
+        assert p.wait(timeout=300) == want, err
+        assert "Traceback" not in err and "Broken pipe" not in err, err
+        assert (run / "model.npz").is_file()

@@ -118,6 +118,6 @@ class LbfgsEngine:
         self.trials.append(MAX_TRIALS)
         if int(jax.device_get(new.newest)) < 0:  # it was a steepest-descent direction
             self.converged = True
-            self.why = (f"{MAX_TRIALS} trial steps along the gradient, down to {eta:.2g} × "
-                        "its first, lowered nothing: " + _stall_cause(K, out))
+            self.why = (f"{MAX_TRIALS} trial steps along the gradient, the last {eta:.2g} × "
+                        "the first step's size, lowered nothing: " + _stall_cause(K, out))
         return K, prog.lbfgs_restart(new, spec=spec), out

@@ -122,8 +122,8 @@ def _warn_solve(step: int, info, dtype) -> None:
         "numerically singular (duplicate or unused prototypes, or a ridge too small for the "
         "data). V is finite; a larger ridge removes this warning."
         + (" With float32 products the statistics round at ~1e-7, so V, the loss and the "
-           "gradient of the keys may be wrong by far more than that here: dtype float64 "
-           "(--dtype float64) computes them exactly." if low else ""),
+           "gradient of the keys may be wrong by far more than that here: float64 products "
+           "(dtype=\"float64\", --dtype float64) compute them exactly." if low else ""),
         NumericsWarning, stacklevel=4)
 
 

@@ -209,12 +209,38 @@ def resolve(cmd: Command, given: dict) -> dict:
     return cfg
 
 
+def _stdout_gone() -> None:
+    """stdout's reader went away (``cmd | head``, ``| true``) or it cannot be written (a full
+    disk): what is still printed there goes to the null device, and the command carries on
+    (a fit is not lost for want of its messages)."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
+    except (OSError, ValueError):  # no file descriptor (a replaced sys.stdout): leave it
+        pass
+
+
+def _print_out(text: str) -> OSError | None:
+    """``text`` on stdout; the error (and stdout silenced) when it cannot be written."""
+    try:
+        print(text, flush=True)
+        return None
+    except OSError as e:  # BrokenPipeError, ENOSPC, …
+        _stdout_gone()
+        return e
+
+
 def _printer(cfg: dict) -> Callable[..., None]:
     """Human-readable output: stdout, or stderr under --json; nothing under --quiet."""
 
     def say(*parts) -> None:
-        if not cfg.get("quiet"):
-            print(*parts, file=sys.stderr if cfg.get("json") else sys.stdout, flush=True)
+        if cfg.get("quiet"):
+            return
+        if cfg.get("json"):
+            print(*parts, file=sys.stderr, flush=True)
+        else:
+            _print_out(" ".join(map(str, parts)))
 
     return say
 
@@ -247,8 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         ns = build_parser().parse_args(argv)
     except SystemExit as e:  # a usage error: with --json, stdout still gets a JSON object
         if getattr(e, "message", None) and "--json" in (sys.argv[1:] if argv is None else argv):
-            print(to_json({"error": "UsageError", "message": e.message, "field": None}),
-                  flush=True)
+            _print_out(to_json({"error": "UsageError", "message": e.message, "field": None}))
         raise
     cmd: Command = ns._command
     given = {k: v for k, v in vars(ns).items() if not k.startswith("_")}
@@ -266,22 +291,32 @@ def main(argv: list[str] | None = None) -> int:
     except RunInterrupted as e:
         print(f"scalemem {cmd.key}: {e}", file=sys.stderr, flush=True)
         if json_out:
-            print(to_json(e.result), flush=True)
+            _print_out(to_json(e.result))
         return e.exit_code
     except (ScalememError, OSError) as e:  # OSError: a path the file system refuses
         print(f"scalemem {cmd.key}: error: {e}", file=sys.stderr, flush=True)
         if json_out:
-            print(to_json({"error": type(e).__name__, "message": str(e),
-                              "field": getattr(e, "field", None)}), flush=True)
+            _print_out(to_json({"error": type(e).__name__, "message": str(e),
+                                "field": getattr(e, "field", None)}))
         return 2
     except KeyboardInterrupt as e:
-        what = (f"{e} (the data check or the initial keys), nothing saved yet; start it again "
-                f"with: {e.resume}" if isinstance(e, InterruptedEarly) and e.resume
-                else "interrupted")
-        print(f"scalemem {cmd.key}: {what}", file=sys.stderr)
+        if isinstance(e, InterruptedEarly):
+            what = (f"{e} (the data check or the initial keys), nothing saved yet; " + (
+                f"start it again with: {e.resume}" if e.resume
+                else "nothing was written: run the same command again"))
+        else:
+            what = "interrupted"
+        print(f"scalemem {cmd.key}: {what}", file=sys.stderr, flush=True)
+        if json_out and isinstance(e, InterruptedEarly):
+            _print_out(to_json(e.result))
         return 128 + getattr(e, "signum", signal.SIGINT)
-    if json_out:
-        print(to_json(result), flush=True)
+    failed = _print_out(to_json(result)) if json_out else None
+    if isinstance(failed, BrokenPipeError):  # the reader left: as a Unix tool ended by SIGPIPE
+        return 128 + signal.SIGPIPE
+    if failed is not None:
+        print(f"scalemem {cmd.key}: error: the result could not be written to stdout ({failed}); "
+              "the command itself completed", file=sys.stderr, flush=True)
+        return 2
     return 0
 
 

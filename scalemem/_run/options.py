@@ -22,8 +22,8 @@ class Session(Validated):
                                  toml=False)
     json: bool = setting(False, "print one JSON object with the result on stdout (human-readable "
                          "text goes to stderr)")
-    quiet: bool = setting(False, "no progress bar and no human-readable messages (errors still go "
-                          "to stderr)")
+    quiet: bool = setting(False, "no progress bar and no human-readable messages (errors and "
+                          "warnings still go to stderr)")
 
 
 @dataclasses.dataclass(frozen=True)

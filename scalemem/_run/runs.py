@@ -52,8 +52,16 @@ class InterruptedEarly(KeyboardInterrupt):
 
     def __init__(self, signum: int):
         self.signum = int(signum)
-        self.resume: str | None = None  # the command that starts the run again, once known
+        self.run: Path | None = None  # the run folder, once it holds its config.json
+        self.resume: str | None = None  # the command that starts the run again, then
         super().__init__(f"{signal.Signals(signum).name} received before the first step")
+
+    @property
+    def result(self) -> dict:
+        """What ``scalemem fit --json`` prints for it (the fields of RunInterrupted's)."""
+        return {"interrupted": True, "signal": signal.Signals(self.signum).name, "step": None,
+                "run": None if self.run is None else str(self.run), "checkpoint": None,
+                "resume": self.resume}
 
 
 @contextlib.contextmanager
@@ -110,9 +118,15 @@ def fit_run(cfg: dict, *, resume: bool = False, say: Callable[[str], None] = pri
             progress: bool = True) -> dict:
     """Fit as configured by ``cfg`` (the fields of DataConfig, FitConfig and RunConfig) into the run
     folder ``cfg["out"]``; with ``resume`` continue from its newest checkpoint. Returns the result
-    object printed by ``scalemem fit --json``; raises :class:`RunInterrupted` after a signal.
-    Everything is checked before anything is written or removed (docs/design.md, "Run
-    folders")."""
+    object printed by ``scalemem fit --json``; raises :class:`RunInterrupted` after a signal
+    (:class:`InterruptedEarly` before the first step). Everything is checked before anything
+    is written or removed (docs/design.md, "Run folders")."""
+    started: list = []  # the first step's report: from then on a signal stops at a checkpoint
+    with _signals_caught(started) as caught:
+        return _fit_run(cfg, resume, say, progress, caught, started)
+
+
+def _fit_run(cfg, resume, say, progress, caught, started) -> dict:
     data, fitc, runc = (build(c, cfg) for c in (DataConfig, FitConfig, RunConfig))
     run = Path(runc.out or default_out("fit")).expanduser().resolve()
     saved = saved_config(run) if resume else None
@@ -169,7 +183,7 @@ def fit_run(cfg: dict, *, resume: bool = False, say: Callable[[str], None] = pri
             if runc.compile_cache:
                 enable_compile_cache()
             return _fit(record, fitc, runc, run, source, fingerprint, manager, ckpt, say, bar,
-                        validation)
+                        validation, caught, started)
 
 
 @contextlib.contextmanager
@@ -216,7 +230,7 @@ def _check_resume(run, saved, record, fingerprint, ckpt, steps) -> dict | None:
 
 
 def _fit(record, fitc, runc, run, source, fingerprint, manager, ckpt, say, bar,
-         validation) -> dict:
+         validation, caught, started) -> dict:
     writer = is_writer()
     offset = float(ckpt.meta.get("seconds", 0.0)) if ckpt is not None else 0.0
     passes = [int(ckpt.meta.get("passes", 0)) if ckpt is not None else 0, 0]  # earlier, now
@@ -237,8 +251,7 @@ def _fit(record, fitc, runc, run, source, fingerprint, manager, ckpt, say, bar,
     metrics_cm = (MetricsWriter(run / METRICS_FILE, seconds_offset=offset) if writer
                   else contextlib.nullcontext(lambda report: None))
     failed: list[CheckpointError] = []  # metrics.jsonl could not be appended (a full disk)
-    started: list = []
-    with metrics_cm as metrics, _signals_caught(started) as caught:
+    with metrics_cm as metrics:
         def callback(report):
             started.append(True)
             passes[1] = report.passes or 0
@@ -259,7 +272,7 @@ def _fit(record, fitc, runc, run, source, fingerprint, manager, ckpt, say, bar,
                            should_stop=lambda: bool(caught or failed), validation=validation,
                            note=bar.note if bar.enabled else None)
         except InterruptedEarly as e:
-            e.resume = f"scalemem fit --resume {run}"  # config.json is written, no checkpoint
+            e.run, e.resume = run, f"scalemem fit --resume {run}"  # config.json, no checkpoint
             raise
         except FitInterrupted as e:
             state = e.state
@@ -279,7 +292,8 @@ def _fit(record, fitc, runc, run, source, fingerprint, manager, ckpt, say, bar,
                   "train_rmse": res.train_rmse, "seconds": seconds,
                   "solve_events": int(res.solve_events), "residency": res.residency,
                   "optimizer": fitc.optimizer, "passes": passes[0] + int(res.passes),
-                  "converged": bool(res.converged), "steps_run": len(res.loss) - 1,
+                  "converged": bool(res.converged), "stop_reason": res.stop_reason or None,
+                  "steps_run": len(res.loss) - 1,
                   "resumed_from": None if ckpt is None else ckpt.step}
         if res.validation is not None:
             best = res.best_step if res.best_step is not None else res.validation[-1]["step"]
