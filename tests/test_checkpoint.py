@@ -364,7 +364,8 @@ def test_a_signal_during_the_data_check_stops_with_a_message(store, tmp_path, ca
                    "--out", str(run), "--json", "--quiet", NO_CACHE])
     assert rc == 130
     cap = capsys.readouterr()
-    assert "SIGINT received before the first step" in cap.err and "run the same command" in cap.err
+    assert ("SIGINT received before the first step (the data check), nothing was written: run "
+            "the same command again") in cap.err
     out = json.loads(cap.out)
     assert out["interrupted"] and out["signal"] == "SIGINT" and out["step"] is None
     assert not (run / "config.json").exists()

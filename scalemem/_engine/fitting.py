@@ -21,7 +21,7 @@ from .._validate import check_init, check_pair, check_scale
 from . import distributed
 from .engines import ResidentEngine, StreamedEngine, memory_budget
 from .init import data_keys, key_sample, key_spread, normal_keys
-from .loop import LoopState, StepReport, Validation, fit_engine
+from .loop import FitInterrupted, LoopState, StepReport, Validation, fit_engine
 from .mesh import local_row_ranges, make_mesh, platform, replicate, resolve_precision
 from .model import Memory, evaluate, memory_at
 from .lbfgs import LbfgsEngine
@@ -162,8 +162,15 @@ def fit_data(source, config: FitConfig, *, optimizer: optax.GradientTransformati
     if init is not None:
         check_init("init", init, (cfg.prototypes, mk))
     _join_processes(cfg.processes)
+    stop = loop.get("should_stop")
+
+    def poll() -> None:  # before the first step: stop at once (nothing to checkpoint)
+        if stop is not None and stop():
+            raise FitInterrupted(None)
+
     with jax.enable_x64(True):
         engine = build_engine(source, cfg, optimizer=optimizer, mesh=mesh)
+        poll()
         spec, mesh, dt = engine.spec, engine.spec.mesh, jnp.dtype(cfg.dtype)
         if distributed.process_count() > 1:
             # in-memory rows: a hash of their content too (each process holds all of them)
@@ -187,8 +194,10 @@ def fit_data(source, config: FitConfig, *, optimizer: optax.GradientTransformati
         elif cfg.init == "normal":
             K0 = normal_keys(cfg.prototypes, mk, cfg.seed, dt)
         else:
+            poll()
             K0, spent, at_K0 = data_keys(lambda K: engine.final(replicate(K, mesh)), sample,
-                                  cfg.prototypes, cfg.init, cfg.seed, cfg.key_bias, dt)
+                                         cfg.prototypes, cfg.init, cfg.seed, cfg.key_bias, dt,
+                                         poll=poll)
             if loop.get("note") is not None:
                 loop["note"](f"initial keys: {cfg.init} at the logit scale of lowest loss "
                              f"({spent} statistics passes)")
@@ -206,6 +215,7 @@ def fit_data(source, config: FitConfig, *, optimizer: optax.GradientTransformati
         state = start.opt_state if start is not None else loop.pop("opt_state", None)
         state = fresh if state is None else replicate(state(fresh) if callable(state) else state,
                                                       mesh)
+        poll()
         res = fit_engine(engine, K0, spec.transformation(), steps=cfg.steps, opt_state=state,
                          callback=callback, **loop)
         memory = memory_at(res.K, res.V, m, cfg.key_bias, source.key_scale,

@@ -39,9 +39,12 @@ def _one_blas_thread(f):
 
 
 @_one_blas_thread
-def kmeans_pp(Q, P: int, *, seed: int = 0, iters: int = 10, sample: int = 20000) -> np.ndarray:
+def kmeans_pp(Q, P: int, *, seed: int = 0, iters: int = 10, sample: int = 20000,
+              poll=None) -> np.ndarray:
     """``P`` k-means centres of (a random sample of at most ``sample`` rows of) ``Q``: k-means++
-    seeding (D² sampling) then ``iters`` Lloyd iterations; empty clusters keep their centre."""
+    seeding (D² sampling) then ``iters`` Lloyd iterations; empty clusters keep their centre.
+    ``poll()`` is called every 64 seeded centres and before each iteration (it may raise)."""
+    poll = (lambda: None) if poll is None else poll
     rng = np.random.default_rng(seed)
     Q = np.asarray(Q, np.float64)
     if Q.shape[0] > sample:
@@ -51,12 +54,15 @@ def kmeans_pp(Q, P: int, *, seed: int = 0, iters: int = 10, sample: int = 20000)
     C[0] = Q[rng.integers(Q.shape[0])]
     d2 = _sq_dists(Q, C[:1], aa)[:, 0]
     for p in range(1, P):
+        if p % 64 == 0:
+            poll()
         cum = np.cumsum(d2)
         i = (min(int(np.searchsorted(cum, rng.random() * cum[-1], side="right")), len(cum) - 1)
              if cum[-1] > 0 else int(rng.integers(Q.shape[0])))
         C[p] = Q[i]
         np.minimum(d2, _sq_dists(Q, C[p:p + 1], aa)[:, 0], out=d2)
     for _ in range(iters):
+        poll()
         # nearest centre: argmin of ‖c‖² − 2 q·c (‖q‖² is the same for every centre); the
         # members' sums by one segmented sum over the rows sorted by centre (np.add.at took 7 ms
         # an iteration here, 10k Fashion-MNIST keys at P = 256)
@@ -98,14 +104,17 @@ def key_spread(Qs: np.ndarray) -> float:
     return float(np.sqrt(np.mean(np.var(Qs, axis=0)))) or 1.0
 
 
-def data_keys(final, Qs: np.ndarray, P: int, init: str, seed: int, bias: bool, dtype):
+def data_keys(final, Qs: np.ndarray, P: int, init: str, seed: int, bias: bool, dtype, *,
+              poll=None):
     """``(keys, passes, StepOut at the keys or None)``: k-means++ centres (``init="kmeans"``) or ``P`` distinct sampled rows
     (``"sample"``) of the key sample ``Qs`` at the logit scale of lowest exact training loss (a
     bracketing search of ``final(K)``, the engine's statistics pass and solve at ``K``), and
-    the statistics passes the search spent."""
+    the statistics passes the search spent. ``poll()`` is called before each k-means iteration
+    and each pass (it may raise to stop)."""
+    poll = (lambda: None) if poll is None else poll
     rng = np.random.default_rng(seed)
     if init == "kmeans":
-        C = kmeans_pp(Qs, P, seed=seed)
+        C = kmeans_pp(Qs, P, seed=seed, poll=poll)
     else:
         C = Qs[rng.choice(Qs.shape[0], P, replace=False)]
     sub = Qs[rng.choice(Qs.shape[0], min(4096, Qs.shape[0]), replace=False)]
@@ -116,6 +125,7 @@ def data_keys(final, Qs: np.ndarray, P: int, init: str, seed: int, bias: bool, d
 
     def loss(g: float) -> float:
         if g not in losses:
+            poll()
             outs[g] = final(jnp.asarray(initial_keys(C, g / s2, bias), dtype))
             value = float(outs[g].loss)
             losses[g] = value if np.isfinite(value) else np.inf

@@ -101,11 +101,14 @@ class LoopResult:
 
 
 class FitInterrupted(Exception):
-    """Raised by :func:`fit_engine` when ``should_stop()`` said so; ``state`` was checkpointed."""
+    """Raised by :func:`fit_engine` when ``should_stop()`` said so; ``state`` was checkpointed.
+    ``state`` is None when it said so before the first step (the data check, the initial keys:
+    :func:`~scalemem._engine.fit_data` asks it between their passes), with nothing to keep."""
 
-    def __init__(self, state: LoopState):
+    def __init__(self, state: LoopState | None):
         self.state = state
-        super().__init__(f"fit stopped after step {state.step}")
+        super().__init__("fit stopped before its first step" if state is None
+                         else f"fit stopped after step {state.step}")
 
 
 def _warn_solve(step: int, info, dtype) -> None:

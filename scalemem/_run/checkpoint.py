@@ -35,13 +35,14 @@ TRAJECTORY_FIELDS = tuple(f.name for c in (DataConfig, FitConfig) for f in datac
                           if f.metadata["trajectory"])
 
 
-def data_fingerprint(source, *, block_rows: int = 1 << 16, hashed_rows=None) -> dict:
+def data_fingerprint(source, *, block_rows: int = 1 << 16, hashed_rows=None, poll=None) -> dict:
     """What identifies the data a fit reads: the source's name, shape, dtypes, views and row
     range, and a hash of every row (keys and values as read, before scaling): the CRC-32 of
     each block of ``block_rows`` rows (zlib, ~3 GB/s), all of them hashed with BLAKE2b. Any
     changed byte changes ``content_hash`` (docs/design.md, "Data identity"). ``hashed_rows``
     (the ``[[start, stop], …]`` of a fingerprint of scalemem ≤ 0.2, which hashed 3 × 64 rows)
-    gives that older fingerprint instead, to compare with a checkpoint of that version."""
+    gives that older fingerprint instead, to compare with a checkpoint of that version.
+    ``poll()`` is called before each block (it may raise to stop the pass)."""
     import zlib
 
     rows = int(source.rows)
@@ -52,6 +53,8 @@ def data_fingerprint(source, *, block_rows: int = 1 << 16, hashed_rows=None) -> 
             for a in map(np.ascontiguousarray, source.read(s, e)):  # keys, then values
                 h.update(f"{s}:{a.dtype.str}:{a.shape}".encode() + a.tobytes())
     for s in range(0, rows, block_rows) if hashed_rows is None else ():
+        if poll is not None:
+            poll()
         crc = 0
         for a in source.read(s, min(s + block_rows, rows)):  # keys, then values
             a = np.ascontiguousarray(a)

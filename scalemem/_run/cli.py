@@ -301,9 +301,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as e:
         if isinstance(e, InterruptedEarly):
-            what = (f"{e} (the data check or the initial keys), nothing saved yet; " + (
-                f"start it again with: {e.resume}" if e.resume
-                else "nothing was written: run the same command again"))
+            what = (f"{e} (the initial keys), nothing saved yet; start it again with: "
+                    f"{e.resume}" if e.resume else
+                    f"{e} (the data check), nothing was written: run the same command again")
         else:
             what = "interrupted"
         print(f"scalemem {cmd.key}: {what}", file=sys.stderr, flush=True)

@@ -48,7 +48,8 @@ class RunInterrupted(Exception):
 
 class InterruptedEarly(KeyboardInterrupt):
     """SIGINT/SIGTERM before the fit's first step (the data check, the initial keys): there is
-    nothing to checkpoint, so the fit stops at once; ``signum`` is the signal."""
+    nothing to checkpoint, so the fit stops after the pass in progress; ``signum`` is the
+    signal."""
 
     def __init__(self, signum: int):
         self.signum = int(signum)
@@ -65,21 +66,16 @@ class InterruptedEarly(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def _signals_caught(started: list):
-    """SIGINT/SIGTERM handlers for a fit: before anything is in ``started`` (the first step's
-    report) they raise :class:`InterruptedEarly`; after it they only append the signal to the
-    yielded list, which the fit loop polls between steps (it then checkpoints and stops). The
-    old handlers are back on exit."""
+def _signals_caught():
+    """SIGINT/SIGTERM handlers for a fit that only append the signal to the yielded list: the
+    fit polls it, between the passes of the data check and of the initial keys, and between
+    steps (then it checkpoints and stops). They never raise: a signal can arrive while Python
+    runs a callback (JAX's garbage-collection hook), where an exception is printed and lost.
+    The old handlers are back on exit."""
     caught, old = [], {}
-
-    def handler(signum, frame):
-        caught.append(signum)
-        if not started:
-            raise InterruptedEarly(signum)
-
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
-            old[sig] = signal.signal(sig, handler)
+            old[sig] = signal.signal(sig, lambda signum, frame: caught.append(signum))
     try:
         yield caught
     finally:
@@ -121,12 +117,15 @@ def fit_run(cfg: dict, *, resume: bool = False, say: Callable[[str], None] = pri
     object printed by ``scalemem fit --json``; raises :class:`RunInterrupted` after a signal
     (:class:`InterruptedEarly` before the first step). Everything is checked before anything
     is written or removed (docs/design.md, "Run folders")."""
-    started: list = []  # the first step's report: from then on a signal stops at a checkpoint
-    with _signals_caught(started) as caught:
-        return _fit_run(cfg, resume, say, progress, caught, started)
+    with _signals_caught() as caught:
+        return _fit_run(cfg, resume, say, progress, caught)
 
 
-def _fit_run(cfg, resume, say, progress, caught, started) -> dict:
+def _fit_run(cfg, resume, say, progress, caught) -> dict:
+    def poll() -> None:  # before the fit starts: nothing to checkpoint, stop at once
+        if caught:
+            raise InterruptedEarly(caught[-1])
+
     data, fitc, runc = (build(c, cfg) for c in (DataConfig, FitConfig, RunConfig))
     run = Path(runc.out or default_out("fit")).expanduser().resolve()
     saved = saved_config(run) if resume else None
@@ -147,7 +146,7 @@ def _fit_run(cfg, resume, say, progress, caught, started) -> dict:
                   "values": source.label_view if labels else source.value_view,
                   "classes": source.classes if labels else None}
         bar.note(f"{source.rows} rows; checking the data (one pass for its fingerprint)")
-        fingerprint = data_fingerprint(source)
+        fingerprint = data_fingerprint(source, poll=poll)
         check_folder(run, resume, cfg.get("overwrite"))  # before the lock file is made
         if writer:
             make_folder(run)
@@ -183,7 +182,7 @@ def _fit_run(cfg, resume, say, progress, caught, started) -> dict:
             if runc.compile_cache:
                 enable_compile_cache()
             return _fit(record, fitc, runc, run, source, fingerprint, manager, ckpt, say, bar,
-                        validation, caught, started)
+                        validation, caught)
 
 
 @contextlib.contextmanager
@@ -230,7 +229,7 @@ def _check_resume(run, saved, record, fingerprint, ckpt, steps) -> dict | None:
 
 
 def _fit(record, fitc, runc, run, source, fingerprint, manager, ckpt, say, bar,
-         validation, caught, started) -> dict:
+         validation, caught) -> dict:
     writer = is_writer()
     offset = float(ckpt.meta.get("seconds", 0.0)) if ckpt is not None else 0.0
     passes = [int(ckpt.meta.get("passes", 0)) if ckpt is not None else 0, 0]  # earlier, now
@@ -253,7 +252,6 @@ def _fit(record, fitc, runc, run, source, fingerprint, manager, ckpt, say, bar,
     failed: list[CheckpointError] = []  # metrics.jsonl could not be appended (a full disk)
     with metrics_cm as metrics:
         def callback(report):
-            started.append(True)
             passes[1] = report.passes or 0
             if report.passes is not None:  # counted over the run's sessions
                 report = dataclasses.replace(report, passes=passes[0] + report.passes)
@@ -271,10 +269,13 @@ def _fit(record, fitc, runc, run, source, fingerprint, manager, ckpt, say, bar,
                            checkpoint_seconds=runc.checkpoint_seconds or None,
                            should_stop=lambda: bool(caught or failed), validation=validation,
                            note=bar.note if bar.enabled else None)
-        except InterruptedEarly as e:
-            e.run, e.resume = run, f"scalemem fit --resume {run}"  # config.json, no checkpoint
-            raise
         except FitInterrupted as e:
+            if e.state is None:  # before the first step: config.json is written, no checkpoint
+                if failed:
+                    raise failed[0] from None
+                early = InterruptedEarly(caught[-1] if caught else signal.SIGINT)
+                early.run, early.resume = run, f"scalemem fit --resume {run}"
+                raise early from None
             state = e.state
             if writer and manager.last_saved != state.step:
                 checkpoint(state)  # the loop skips it when the stop comes after the last step
