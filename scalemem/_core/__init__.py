@@ -9,7 +9,7 @@ from .stats import (F64, HIGHEST, Stats, centre_values, chunk_stats, loss_from_s
                     scaled, scan_stats, zero_stats)
 from .step import StepOut, apply_gradient, solve_and_loss
 
-__all__ = ["Stats", "SolveInfo", "ILL_CONDITIONED", "StepOut", "F64", "HIGHEST", "zero_stats", "merge", "scaled",
-           "centre_values", "chunk_stats", "scan_stats", "loss_from_stats", "chunk_grad",
+__all__ = ["Stats", "SolveInfo", "ILL_CONDITIONED", "StepOut", "F64", "HIGHEST", "zero_stats",
+           "merge", "scaled", "centre_values", "chunk_stats", "scan_stats", "loss_from_stats", "chunk_grad",
            "grad_operands", "scan_grad", "solve_ridge", "solve_and_loss", "apply_gradient",
            "balanced_chunk", "default_chunk_rows", "to_blocks"]

@@ -24,16 +24,15 @@ MAX_TRIALS = 20  # trials of one line search (a step of 0.1²⁰ is below any fl
 
 def _stall_cause(K, out: StepOut) -> str:
     """Why a line search along the gradient found no decrease, for the stop reason."""
-    cond = float(out.info.condition)
-    if np.dtype(K.dtype).itemsize < 8 and (bool(out.info.fallback) or cond > ILL_CONDITIONED):
+    cond, low = float(out.info.condition), np.dtype(K.dtype).itemsize < 8  # float32 keys
+    if low and (bool(out.info.fallback) or cond > ILL_CONDITIONED):
         # float32 statistics round at ~1e-7 and the solve amplifies it by up to cond: the loss
         # and gradient are then too inexact to descend (docs/design.md, "L-BFGS")
         return (f"the Gram matrix is numerically singular (condition ~{cond:.1e}), past what "
                 "float32 products resolve: the loss and the gradient of the keys are not "
                 "accurate enough to descend further; --dtype float64 computes them exactly "
                 "(or a larger --ridge)")
-    what = ("of float32 products (--dtype float64 may go further)"
-            if np.dtype(K.dtype).itemsize < 8 else "of the loss")
+    what = "of float32 products (--dtype float64 may go further)" if low else "of the loss"
     return (f"the keys are a minimum to the precision {what}, or --learning-rate, the first "
             "step's size, is far off scale")
 

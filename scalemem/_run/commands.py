@@ -83,8 +83,8 @@ def fit(cfg: dict, say) -> dict:
     """fit a memory to a store (checkpointed, resumable)
 
     Fit P prototypes: V is solved exactly (ridge, float64 statistics) at every step and K moved
-    by L-BFGS (the default; a line search of exact losses) or Adam. The rows stay on the devices when they fit (--residency auto) and are streamed from
-    the store otherwise. Writes the run folder RUN: config.json (the resolved settings),
+    by L-BFGS (the default; a line search of exact losses) or Adam. The rows stay on the devices
+    when they fit (--residency auto) and are streamed from the store otherwise. Writes the run folder RUN: config.json (the resolved settings),
     metrics.jsonl, checkpoints/ and model.npz."""
     resume = cfg.get("resume")
     if resume is not None:

@@ -27,8 +27,8 @@ from .folders import (CHECKPOINT_DIR, CONFIG_FILE, EVAL_FILE, RUN_FORMAT, absolu
                       saved_config, to_json, write_json)
 from .metrics import METRICS_FILE, MetricsWriter, truncate_metrics
 
-__all__ = ["RunInterrupted", "InterruptedEarly", "fit_run", "default_out", "open_data", "saved_config", "write_json",
-           "absolute", "is_run_folder", "to_json", "CONFIG_FILE", "EVAL_FILE", "RUN_FORMAT",
+__all__ = ["RunInterrupted", "InterruptedEarly", "fit_run", "default_out", "open_data",
+           "saved_config", "write_json", "absolute", "is_run_folder", "to_json", "CONFIG_FILE", "EVAL_FILE", "RUN_FORMAT",
            "enable_compile_cache"]
 
 
@@ -96,8 +96,9 @@ def open_data(store, keys=None, values=None, rows=None, *, labels: bool = False,
 
 def enable_compile_cache() -> None:
     """Turn on JAX's persistent compilation cache (every program: reading a small one back
-    takes milliseconds, compiling it tens of them, and a fit runs a dozen) in ``$SCALEMEM_CACHE_DIR``, else ``scalemem/jax`` in the user cache folder
-    (``$XDG_CACHE_HOME``, else ``~/.cache``), so a repeated or resumed run skips compiling them."""
+    takes milliseconds, compiling it tens of them, and a fit runs a dozen) in
+    ``$SCALEMEM_CACHE_DIR``, else ``scalemem/jax`` in the user cache folder (``$XDG_CACHE_HOME``,
+    else ``~/.cache``), so a repeated or resumed run skips compiling them."""
     if os.environ.get("SCALEMEM_CACHE_DIR"):
         path = Path(os.environ["SCALEMEM_CACHE_DIR"]).expanduser()
     else:
@@ -271,8 +272,6 @@ def _fit(record, fitc, runc, run, source, fingerprint, manager, ckpt, say, bar,
                            note=bar.note if bar.enabled else None)
         except FitInterrupted as e:
             if e.state is None:  # before the first step: config.json is written, no checkpoint
-                if failed:
-                    raise failed[0] from None
                 early = InterruptedEarly(caught[-1] if caught else signal.SIGINT)
                 early.run, early.resume = run, f"scalemem fit --resume {run}"
                 raise early from None
